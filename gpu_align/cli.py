@@ -1,0 +1,19 @@
+"""``gpu-align`` console script: ``run`` and ``demo`` (the aligner, needs torch) plus the packer's commands."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from packer.cli import run as _run
+
+
+def _registrars():
+    # Imported here so that `gpu-align verify ...` does not pay for importing torch.
+    from gpu_align.commands import demo, run
+
+    return [run.add_parser, demo.add_parser]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(_run(argv, extra=_registrars()))
