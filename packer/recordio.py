@@ -105,7 +105,9 @@ def _read_record(f: BinaryIO, offset: int) -> bytes | None:
             )
         cflag, length = lrec >> 29, lrec & _LEN_MASK
         if cflag not in ((2, 3) if chunks else (0, 1)):
-            raise RecordIOError(f"record at byte {offset}: part at byte {pos} has continuation flag {cflag} out of order")
+            raise RecordIOError(
+                f"record at byte {offset}: part at byte {pos} has continuation flag {cflag} out of order"
+            )
         padded = (length + 3) & ~3
         data = f.read(padded)
         if len(data) < padded:
@@ -298,7 +300,9 @@ class MXIndexedRecordIO(MXRecordIO):
         self.seek(idx)
         rec = self.read()
         if rec is None:
-            raise RecordIOError(f"{self.idx_path}: key {idx} points at byte {self.idx[idx]}, past the end of {self.uri}")
+            raise RecordIOError(
+                f"{self.idx_path}: key {idx} points at byte {self.idx[idx]}, past the end of {self.uri}"
+            )
         return rec
 
     def write_idx(self, idx, buf: bytes) -> None:
