@@ -1,0 +1,49 @@
+"""Shared test fixtures: real shipped photos, and CUDA tests that skip cleanly without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_align import photos
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+def _photo_path(name: str):
+    try:
+        return photos.photo_path(name)
+    except photos.PhotoMissing as e:
+        # Only Debian's opencv-doc (messi5.jpg) is optional; the set-up script installs the others.
+        if name == "messi":
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.fixture(scope="session")
+def photo_path():
+    """``photo_path(name)`` -> Path of a shipped photo (see gpu_align.photos)."""
+    return _photo_path
+
+
+@pytest.fixture(scope="session")
+def load_photo():
+    """``load_photo(name)`` -> (H, W, 3) uint8 RGB numpy array of a shipped photo."""
+
+    def load(name: str) -> np.ndarray:
+        _photo_path(name)
+        return photos.load_rgb(name)
+
+    return load
