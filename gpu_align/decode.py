@@ -1,0 +1,459 @@
+"""Decode stage: image files -> batches of RGB tensors on the compute device, bad files reported and skipped.
+
+Backends (see :func:`make_decoder`):
+
+- ``dali`` on ``cuda``: NVIDIA DALI's ``decoders.image`` on the "mixed" device (nvImageCodec; hardware JPEG decoder
+  where the GPU has one). Outputs reach torch through DLPack without a host copy (``decode_dali.py``).
+- ``dali`` on ``cpu``: the same pipeline with the "cpu" decoder (runs without a GPU; CI tests it).
+- ``cpu``: a thread pool; simplejpeg (libjpeg-turbo) for JPEG, Pillow for PNG/WebP/BMP and as the JPEG fallback
+  (``decode_cpu.py``). Images are moved to ``device`` afterwards.
+
+Every backend makes the same decisions, so a dataset built on GPU or CPU has the same images:
+
+- Output: ``(H, W, 3) uint8`` RGB; grayscale is replicated to three channels, CMYK is converted, alpha is dropped.
+- EXIF orientation is applied (the photo is shown the way phone galleries show it), for every format.
+- Each file's header is parsed cheaply here before any decoding (:func:`probe_image`): empty, unreadable,
+  non-image, unsupported (GIF, TIFF, HEIC, ...), truncated and over-``max_pixels`` files are rejected up front with
+  a reason, so one bad file never reaches (and aborts) a DALI batch. A truncated JPEG (no end-of-image marker
+  after its scan data) is rejected as "truncated" rather than decoded to a half-grey image.
+- Corrupt entropy data that libjpeg-turbo can recover from (it only warns) is decoded as-is by every backend;
+  a file a decoder cannot decode at all is reported as "corrupt".
+
+A failure reason is ``"<category>: <detail>"`` with the category one of :data:`FAILURE_CATEGORIES`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+
+from packer.errors import UserError
+
+# 108-megapixel phone photos (12000×9000) still decode; beyond that a file is treated as a decompression bomb.
+DEFAULT_MAX_PIXELS = 120_000_000
+# Decoded pixels per batch (384 MB of uint8 RGB): a batch of huge photos is split so memory stays bounded.
+DEFAULT_MAX_BATCH_PIXELS = 128_000_000
+
+EMPTY = "empty file"
+UNREADABLE = "unreadable"
+NOT_AN_IMAGE = "not an image"
+UNSUPPORTED = "unsupported format"
+TRUNCATED = "truncated"
+TOO_LARGE = "too large"
+CORRUPT = "corrupt"
+FAILURE_CATEGORIES = (EMPTY, UNREADABLE, NOT_AN_IMAGE, UNSUPPORTED, TRUNCATED, TOO_LARGE, CORRUPT)
+
+# Formats every backend decodes (DALI's nvImageCodec and Pillow agree on these, EXIF orientation included).
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+
+def failure_category(reason: str) -> str:
+    """The category of a failure reason (``"truncated: ..." -> "truncated"``)."""
+    return reason.split(":", 1)[0]
+
+
+@dataclass
+class DecodedBatch:
+    """One batch of decoded images, plus the inputs of this batch that failed.
+
+    ``indices[i]`` is the global input index of ``images[i]``; indices ascend within a batch.
+    ``images``: list of ``(H, W, 3) uint8`` RGB tensors on the decoder's device, EXIF orientation applied
+    (sizes differ per image). ``failures``: ``(index, path, reason)`` for each input that produced no image.
+    """
+
+    indices: list[int]
+    images: list[torch.Tensor]
+    failures: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class DecodeError(Exception):
+    """A file that cannot be decoded; ``str(e)`` is the failure reason (``"<category>: <detail>"``)."""
+
+    def __init__(self, category: str, detail: str):
+        super().__init__(f"{category}: {detail}")
+        self.category = category
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`probe_image` learns from a file's header without decoding it."""
+
+    format: str  # one of SUPPORTED_FORMATS
+    width: int  # stored size, before EXIF orientation
+    height: int
+    orientation: int = 1  # EXIF orientation 1..8 (JPEG only; other formats are oriented by Pillow/DALI)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cheap header checks
+
+
+def _sniff(data: bytes) -> str:
+    """Image format from the magic bytes; raises DecodeError for empty, unsupported and non-image data."""
+    if not data:
+        raise DecodeError(EMPTY, "0 bytes")
+    head = data[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith(b"BM"):
+        return "BMP"
+    for magic, name in (
+        (b"GIF87a", "GIF"),
+        (b"GIF89a", "GIF"),
+        (b"II*\x00", "TIFF"),
+        (b"MM\x00*", "TIFF"),
+        (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+        (b"\xff\x4f\xff\x51", "JPEG 2000"),
+        (b"8BPS", "PSD"),
+        (b"%PDF", "PDF"),
+    ):
+        if head.startswith(magic):
+            raise DecodeError(UNSUPPORTED, name)
+    if head[4:8] == b"ftyp":
+        brand = head[8:12].decode("latin-1").strip()
+        raise DecodeError(UNSUPPORTED, "AVIF" if brand.startswith("avi") else f"HEIF/ISO media ({brand})")
+    if head.startswith(b"\xff\xd8"):
+        raise DecodeError(CORRUPT, "JPEG start marker without a following segment")
+    raise DecodeError(NOT_AN_IMAGE, f"unrecognised content, starts with {head[:12]!r}")
+
+
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """EXIF orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block; 1 when absent or invalid."""
+    try:
+        order = {b"II": "<", b"MM": ">"}[bytes(tiff[:2])]
+        (ifd,) = struct.unpack(order + "I", tiff[4:8])
+        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+        for i in range(count):
+            entry = ifd + 2 + 12 * i
+            tag, typ = struct.unpack(order + "HH", tiff[entry : entry + 4])
+            if tag == 0x0112 and typ == 3:  # SHORT
+                (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
+                return value if 1 <= value <= 8 else 1
+    except (KeyError, struct.error):
+        pass
+    return 1
+
+
+def _probe_jpeg(data: bytes) -> ImageInfo:
+    """Walk the JPEG segments up to the first scan: size, EXIF orientation, and the truncation check."""
+    n = len(data)
+    pos = 2
+    width = height = 0
+    orientation = 0  # 0: no EXIF block seen yet (the first one counts)
+    while True:
+        if pos >= n:
+            raise DecodeError(TRUNCATED, f"JPEG header ends early ({n} bytes)")
+        if data[pos] != 0xFF:
+            raise DecodeError(CORRUPT, f"JPEG marker expected at byte {pos}")
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            raise DecodeError(TRUNCATED, f"JPEG header ends early ({n} bytes)")
+        marker = data[pos]
+        pos += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+            continue
+        if marker == 0xD9:
+            raise DecodeError(CORRUPT, "JPEG ends before any image data")
+        if pos + 2 > n:
+            raise DecodeError(TRUNCATED, f"JPEG header ends early ({n} bytes)")
+        seglen = (data[pos] << 8) | data[pos + 1]
+        if seglen < 2:
+            raise DecodeError(CORRUPT, f"JPEG segment length {seglen} at byte {pos}")
+        end = pos + seglen
+        if end > n:
+            raise DecodeError(TRUNCATED, f"JPEG header ends early ({n} bytes)")
+        if marker in _SOF_MARKERS and seglen >= 8:
+            height = (data[pos + 3] << 8) | data[pos + 4]
+            width = (data[pos + 5] << 8) | data[pos + 6]
+        elif marker == 0xE1 and orientation == 0 and data[pos + 2 : pos + 8] == b"Exif\x00\x00":
+            orientation = _exif_orientation(memoryview(data)[pos + 8 : end])
+        elif marker == 0xDA:
+            break
+        pos = end
+    if width == 0 or height == 0:
+        raise DecodeError(CORRUPT, "JPEG has no frame header (or a zero size) before its image data")
+    # Entropy-coded data cannot contain FF D9 (0xFF is byte-stuffed), so an end-of-image marker after the first
+    # scan means the file is complete; trailing bytes after it are allowed, as libjpeg allows them.
+    if data.rfind(b"\xff\xd9", end) < 0:
+        raise DecodeError(TRUNCATED, f"JPEG has no end-of-image marker after its image data ({n} bytes)")
+    return ImageInfo("JPEG", width, height, orientation or 1)
+
+
+def _probe_png(data: bytes) -> ImageInfo:
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise DecodeError(TRUNCATED if len(data) < 33 else CORRUPT, "PNG without a valid IHDR chunk")
+    width, height = struct.unpack(">II", data[16:24])
+    if data.rfind(b"IEND", 33) < 0:
+        raise DecodeError(TRUNCATED, f"PNG has no IEND chunk ({len(data)} bytes)")
+    return ImageInfo("PNG", width, height)
+
+
+def _probe_pillow(data: bytes, fmt: str) -> ImageInfo:
+    """WebP/BMP: size from Pillow's lazy open (header only), plus the container's own length field."""
+    from PIL import Image, UnidentifiedImageError
+
+    if fmt == "WEBP" and len(data) < struct.unpack("<I", data[4:8])[0] + 8:
+        raise DecodeError(TRUNCATED, f"WebP shorter than its RIFF size ({len(data)} bytes)")
+    if fmt == "BMP" and len(data) >= 6 and len(data) < struct.unpack("<I", data[2:6])[0]:
+        raise DecodeError(TRUNCATED, f"BMP shorter than its header's file size ({len(data)} bytes)")
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error) as e:
+        raise DecodeError(CORRUPT, f"{fmt} header: {e}") from None
+    return ImageInfo(fmt, width, height)
+
+
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Format, stored size and EXIF orientation from the header bytes, without decoding pixels.
+
+    Raises :class:`DecodeError` for empty, non-image, unsupported, truncated, malformed and over-``max_pixels``
+    data (the decompression-bomb check happens here, before any decoder allocates the image).
+    """
+    fmt = _sniff(data)
+    if fmt == "JPEG":
+        info = _probe_jpeg(data)
+    elif fmt == "PNG":
+        info = _probe_png(data)
+    else:
+        info = _probe_pillow(data, fmt)
+    if info.width <= 0 or info.height <= 0:
+        raise DecodeError(CORRUPT, f"{fmt} with size {info.width}x{info.height}")
+    if info.pixels > max_pixels:
+        raise DecodeError(
+            TOO_LARGE,
+            f"{info.width}x{info.height} ({info.pixels / 1e6:.1f} MP) > max_pixels ({max_pixels / 1e6:.1f} MP)",
+        )
+    return info
+
+
+def read_file(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The file's bytes; DecodeError("unreadable: ...") for OS errors, "too large" for absurd file sizes."""
+    # No supported format stores more than ~4 bytes per pixel (BMP/PNG worst case), so a bigger file is a bomb too.
+    max_bytes = 4 * max_pixels + (1 << 20)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise DecodeError(TOO_LARGE, f"file is {size / 2**20:.0f} MiB")
+            return f.read()
+    except OSError as e:
+        raise DecodeError(UNREADABLE, e.strerror or type(e).__name__) from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoders
+
+
+@dataclass
+class Loaded:
+    """One input after the loading step (read + probe, and for the CPU backend the decode itself)."""
+
+    index: int
+    path: str
+    data: bytes | None = None
+    info: ImageInfo | None = None
+    image: torch.Tensor | None = None  # (H, W, 3) uint8 on CPU, when the loader decodes
+    reason: str | None = None  # set when the input failed
+
+
+class Decoder(ABC):
+    """Turns ``(index, path)`` items into :class:`DecodedBatch` es; never raises for a bad file.
+
+    Inputs are taken ``batch_size`` at a time; each such chunk yields one batch (more when its decoded pixels
+    exceed ``max_batch_pixels``), so ``len(indices) + len(failures)`` over a chunk's batches equals its size.
+    Files of the next ``prefetch`` chunks are read (and, on the CPU backend, decoded) by the thread pool while
+    the current chunk is processed. Use as a context manager or call :meth:`close`.
+    """
+
+    name: str = "decoder"
+
+    def __init__(
+        self,
+        *,
+        device: str | torch.device = "cpu",
+        threads: int | None = None,
+        batch_size: int = 64,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+        prefetch: int = 1,
+    ):
+        if batch_size < 1:
+            raise UserError(f"decode batch size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.threads = max(1, threads or _cpu_count())
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.max_batch_pixels = max_batch_pixels
+        self.prefetch = max(0, prefetch)
+        self._pool = ThreadPoolExecutor(self._loader_threads(), thread_name_prefix="decode")
+
+    def _loader_threads(self) -> int:
+        return self.threads
+
+    # -- per-file work (runs in the pool) --
+    def _load(self, index: int, path: str) -> Loaded:
+        item = Loaded(index, str(path))
+        try:
+            item.data = read_file(path, max_pixels=self.max_pixels)
+            item.info = probe_image(item.data, max_pixels=self.max_pixels)
+        except DecodeError as e:
+            item.data, item.reason = None, str(e)
+        return item
+
+    @abstractmethod
+    def _decode(self, items: list[Loaded]) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, str, str]]]:
+        """Decode probed items: ``([(index, (H, W, 3) uint8 on self.device)], failures)``."""
+
+    # -- batching --
+    def batches(self, items: Iterable[tuple[int, str | os.PathLike]]) -> Iterator[DecodedBatch]:
+        """Decode ``(global index, path)`` items in order; see the class docstring for how batches are formed."""
+        it = iter(items)
+        pending: deque[list[Future[Loaded]]] = deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) <= self.prefetch:
+                chunk = list(islice(it, self.batch_size))
+                if not chunk:
+                    exhausted = True
+                    break
+                pending.append([self._pool.submit(self._load, int(i), p) for i, p in chunk])
+            if not pending:
+                return
+            loaded = [f.result() for f in pending.popleft()]
+            yield from self._finish(loaded)
+
+    def _finish(self, loaded: list[Loaded]) -> Iterator[DecodedBatch]:
+        failures = [(x.index, x.path, x.reason) for x in loaded if x.reason is not None]
+        good = [x for x in loaded if x.reason is None]
+        groups = _split_by_pixels(good, self.max_batch_pixels) or [[]]
+        for group in groups:
+            decoded, failed = self._decode(group) if group else ([], [])
+            for x in group:  # the encoded bytes are not needed any more
+                x.data = None
+            decoded.sort(key=lambda t: t[0])
+            failures.extend(failed)
+            failures.sort()
+            yield DecodedBatch([i for i, _ in decoded], [t for _, t in decoded], failures)
+            failures = []
+
+    def decode_paths(self, paths: Sequence[str | os.PathLike]) -> DecodedBatch:
+        """Convenience: decode a few files into one batch (indices are positions in ``paths``)."""
+        out = DecodedBatch([], [], [])
+        for b in self.batches(enumerate(paths)):
+            out.indices += b.indices
+            out.images += b.images
+            out.failures += b.failures
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name}, device={self.device}, threads={self.threads}, batch={self.batch_size})"
+        )
+
+
+def _split_by_pixels(items: list[Loaded], budget: int) -> list[list[Loaded]]:
+    """Consecutive groups whose decoded pixels stay within ``budget`` (an oversized image gets its own group)."""
+    groups: list[list[Loaded]] = []
+    current: list[Loaded] = []
+    used = 0
+    for x in items:
+        px = x.info.pixels if x.info else 0
+        if current and used + px > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(x)
+        used += px
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported (its CPU pipelines work without a GPU)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_decoder(
+    kind: str = "auto",
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    batch_size: int = 64,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    **options,
+) -> Decoder:
+    """Pick and build a decoder.
+
+    ``kind``:
+      - ``"auto"``: DALI's mixed (GPU) decoder when ``device`` is CUDA and DALI is installed; otherwise the CPU
+        thread pool (simplejpeg + Pillow), which measured faster than DALI's CPU pipeline on 2 cores.
+      - ``"dali"``: DALI; the "mixed" decoder for a CUDA ``device``, the "cpu" decoder for ``device="cpu"``.
+      - ``"cpu"``: the CPU thread pool; images are moved to ``device`` after decoding.
+    ``threads``: decoding threads (default: the usable cores). ``max_pixels``: larger images are rejected
+    ("too large") from their header, before decoding. ``options``: ``max_batch_pixels``, ``prefetch``, and for
+    DALI ``hw_decoder_load``, ``preallocate_width_hint``, ``preallocate_height_hint``.
+    Raises :class:`UserError` for an unknown kind, a CUDA device without CUDA, or ``kind="dali"`` without DALI.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"decode device must be 'cpu' or 'cuda', got {device!r}")
+    if kind == "auto":
+        kind = "dali" if dev.type == "cuda" and dali_available() else "cpu"
+    common = dict(device=dev, threads=threads, batch_size=batch_size, max_pixels=max_pixels)
+    if kind == "cpu":
+        from gpu_align.decode_cpu import CpuDecoder
+
+        return CpuDecoder(**common, **options)
+    if kind == "dali":
+        if not dali_available():
+            raise UserError("decoder 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or use --decoder cpu)")
+        from gpu_align.decode_dali import DaliDecoder
+
+        return DaliDecoder(**common, **options)
+    raise UserError(f"unknown decoder {kind!r}; choose auto, dali or cpu")

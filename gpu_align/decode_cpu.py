@@ -1,0 +1,103 @@
+"""CPU decode backend: a thread pool running simplejpeg (libjpeg-turbo) for JPEG and Pillow for the rest.
+
+Both libraries release the GIL while decoding, so threads scale with cores. Pixel results match DALI's CPU
+decoder (the same libjpeg-turbo with fancy upsampling; see tests/test_decode.py for the measured tolerance).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from gpu_align.decode import CORRUPT, DecodeError, Decoder, ImageInfo, Loaded, probe_image
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply EXIF orientation 1..8 to an (H, W, C) array the way ``PIL.ImageOps.exif_transpose`` does.
+
+    Returns a C-contiguous array ((W, H, C) for orientations 5..8); orientation 1 returns ``image`` itself.
+    """
+    if orientation == 2:
+        out = image[:, ::-1]  # mirror left-right
+    elif orientation == 3:
+        out = image[::-1, ::-1]  # rotate 180
+    elif orientation == 4:
+        out = image[::-1]  # mirror top-bottom
+    elif orientation == 5:
+        out = image.transpose(1, 0, 2)  # transpose (mirror across the main diagonal)
+    elif orientation == 6:
+        out = image[::-1].transpose(1, 0, 2)  # rotate 90° clockwise
+    elif orientation == 7:
+        out = image[::-1, ::-1].transpose(1, 0, 2)  # transverse (mirror across the anti-diagonal)
+    elif orientation == 8:
+        out = image[:, ::-1].transpose(1, 0, 2)  # rotate 90° counter-clockwise
+    else:
+        return image
+    return np.ascontiguousarray(out)
+
+
+def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit grey: keep the high byte (Pillow's convert("RGB") would clip instead of scale)
+                grey = (np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8)
+                return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+            return np.array(im.convert("RGB"))  # writable (np.asarray of a Pillow image is read-only)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DecodeError(CORRUPT, f"{fmt}: {e}") from None
+
+
+def decode_bytes(data: bytes, info: ImageInfo | None = None) -> np.ndarray:
+    """Decode one image file's bytes on the CPU: ``(H, W, 3) uint8`` RGB numpy array, EXIF orientation applied.
+
+    ``info`` is :func:`gpu_align.decode.probe_image`'s result (probed here when not given, with the default
+    ``max_pixels``). Raises :class:`DecodeError` for a file that cannot be decoded.
+    """
+    if info is None:
+        info = probe_image(data)
+    if info.format != "JPEG":
+        return _decode_pillow(data, info.format)
+    import simplejpeg
+
+    try:
+        # strict=False: libjpeg warnings (recoverable corrupt data) decode as DALI decodes them; truncated files
+        # never get here (probe_image rejects them), so this never emits a half-grey image.
+        image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
+    except ValueError as e:
+        # e.g. 12-bit or lossless JPEG, which TurboJPEG's API refuses: Pillow applies EXIF orientation itself
+        try:
+            return _decode_pillow(data, "JPEG")
+        except DecodeError:
+            raise DecodeError(CORRUPT, f"JPEG: {e}") from None  # libjpeg's message says more than Pillow's
+    return apply_orientation(image, info.orientation)
+
+
+class CpuDecoder(Decoder):
+    """Thread-pool decoder (simplejpeg + Pillow): each worker reads, probes and decodes whole files.
+
+    Images are ``(H, W, 3) uint8`` CPU tensors sharing memory with the decoded numpy arrays, moved to
+    ``device`` per batch when that is CUDA.
+    """
+
+    name = "cpu-threads"
+
+    def _load(self, index: int, path: str) -> Loaded:
+        item = super()._load(index, path)
+        if item.reason is None:
+            try:
+                item.image = torch.from_numpy(decode_bytes(item.data, item.info))
+            except DecodeError as e:
+                item.reason = str(e)
+            item.data = None
+        return item
+
+    def _decode(self, items: list[Loaded]):
+        if self.device.type == "cpu":
+            return [(x.index, x.image) for x in items], []
+        return [(x.index, x.image.to(self.device, non_blocking=False)) for x in items], []

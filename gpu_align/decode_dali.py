@@ -1,0 +1,136 @@
+"""DALI decode backend: ``fn.decoders.image`` on the "mixed" (GPU) device, or on "cpu" without a GPU.
+
+Files are read and their headers checked in a small thread pool (``Decoder._load``: bad files never reach DALI),
+then each batch is fed to a pipeline through ``fn.external_source``: the encoded bytes, and each image's global
+input index as its label. The index travels through the pipeline with the image, so outputs map back to files;
+batches are fed at their real size, so there is no padding to drop.
+
+The pipeline uses DALI's dynamic executor (``exec_dynamic=True``), whose outputs are not recycled: each decoded
+image is handed to torch with ``torch.from_dlpack`` (no copy, GPU memory stays on the GPU; DALI makes torch's
+current stream wait for the decode), exactly as ``DALIRaggedIterator`` does for ``SPARSE_LIST_TAG`` outputs.
+
+One undecodable file aborts a DALI run. Then the pipeline is rebuilt and the batch bisected until the bad
+file(s) are isolated; an isolated file is given one try on the CPU decoder (so a file DALI cannot decode but
+libjpeg-turbo/Pillow can is still used) before it is reported as corrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from gpu_align.decode import CORRUPT, DecodeError, Decoder, Loaded
+from gpu_align.decode_cpu import decode_bytes
+
+
+def _dali_reason(error: Exception) -> str:
+    """The useful line of a DALI pipeline error (its message repeats the pipeline's definition traceback)."""
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1 :]
+    lines = [ln for ln in lines if ln and "no longer valid" not in ln and not ln.startswith("Critical error")]
+    return lines[0].rstrip(" :") if lines else type(error).__name__
+
+
+class DaliDecoder(Decoder):
+    """DALI decoder on ``device`` (CUDA: "mixed" nvImageCodec decode; CPU: DALI's "cpu" decoder).
+
+    ``threads`` are DALI's CPU threads; file reading and header checks use up to 4 more. ``hw_decoder_load``:
+    share of JPEGs sent to the GPU's hardware decoder (A100/H100); ``preallocate_*_hint``: typical image size,
+    so the GPU decoder allocates once. Images: ``(H, W, 3) uint8`` tensors on ``device`` (DALI-owned memory).
+    """
+
+    def __init__(
+        self,
+        *,
+        hw_decoder_load: float = 0.65,
+        preallocate_width_hint: int = 0,
+        preallocate_height_hint: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.mixed = self.device.type == "cuda"
+        self.name = "dali-mixed" if self.mixed else "dali-cpu"
+        self.device_id = None
+        if self.mixed:
+            self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", self.device_id)
+        self._decoder_args = {
+            "device": "mixed" if self.mixed else "cpu",
+            "adjust_orientation": True,  # EXIF orientation applied, as on every backend
+            "jpeg_fancy_upsampling": True,  # libjpeg-turbo's chroma upsampling: same pixels as the CPU decoders
+        }
+        if self.mixed:
+            self._decoder_args.update(
+                hw_decoder_load=hw_decoder_load,
+                preallocate_width_hint=preallocate_width_hint,
+                preallocate_height_hint=preallocate_height_hint,
+            )
+        self.rebuilds = 0  # pipeline rebuilds after errors (for reports and tests)
+        self._pipe = None
+        self._build()
+
+    def _loader_threads(self) -> int:
+        return min(4, self.threads)
+
+    def _build(self) -> None:
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+
+        self._pipe = None  # drop the broken pipeline before allocating a new one
+        pipe = Pipeline(
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=1,  # batches are fed and run one at a time
+            exec_dynamic=True,  # outputs stay valid after the next run: handed to torch without a copy
+            seed=0,
+        )
+        with pipe:
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            labels = fn.external_source(name="labels", dtype=types.INT64, ndim=1)
+            images = fn.decoders.image(encoded, output_type=types.RGB, **self._decoder_args)
+            pipe.set_outputs(images, labels)
+        pipe.build()
+        self._pipe = pipe
+
+    def _run(self, items: list[Loaded]) -> list[tuple[int, torch.Tensor]]:
+        """One pipeline run over ``items``: [(index, (H, W, 3) uint8 on self.device)]; raises on a DALI error."""
+        self._pipe.feed_input("encoded", [np.frombuffer(x.data, dtype=np.uint8) for x in items])
+        self._pipe.feed_input("labels", [np.array([x.index], dtype=np.int64) for x in items])
+        images, labels = self._pipe.run()
+        indices = labels.as_array().reshape(-1).tolist()
+        # torch.from_dlpack passes torch's current stream; DALI inserts the wait for its decode on that stream
+        ctx = torch.cuda.device(self.device_id) if self.mixed else contextlib.nullcontext()
+        with ctx:
+            return [(int(indices[k]), torch.from_dlpack(images[k])) for k in range(len(items))]
+
+    def _decode(self, items: list[Loaded]):
+        try:
+            return self._run(items), []
+        except RuntimeError as e:
+            self.rebuilds += 1
+            self._build()
+            if len(items) > 1:
+                mid = len(items) // 2
+                left, left_failed = self._decode(items[:mid])
+                right, right_failed = self._decode(items[mid:])
+                return left + right, left_failed + right_failed
+            return self._fallback(items[0], _dali_reason(e))
+
+    def _fallback(self, item: Loaded, dali_reason: str):
+        """A file DALI failed on alone: decode it on the CPU if possible, else report it as corrupt."""
+        try:
+            image = torch.from_numpy(decode_bytes(item.data, item.info)).to(self.device)
+        except DecodeError as e:
+            detail = str(e).split(": ", 1)[-1]
+            if dali_reason.startswith("Failed to decode sample"):  # its sample number is within the sub-batch
+                dali_reason = "failed to decode"
+            return [], [(item.index, item.path, f"{CORRUPT}: {detail} (DALI: {dali_reason})")]
+        return [(item.index, image)], []
+
+    def close(self) -> None:
+        super().close()
+        self._pipe = None
