@@ -1,15 +1,117 @@
-"""Placeholder for `gpu-align lst` (being written); registers the command so the CLI parses."""
+"""``gpu-align lst``: a ``root/<identity>/<image>`` folder to a face2rec2 ``.lst`` (InsightFace's dir2lst)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sys
+from collections import Counter
 
 from packer.errors import UserError
+from packer.fsutil import atomic_write
+from packer.lst import LST_ENCODING, LST_ERRORS, format_lst_line
+from packer.scan import DEFAULT_EXTS, scan_folder
+
+EPILOG = """\
+examples:
+  gpu-align lst data/faces -o data/train.lst
+      one line per image: 1<TAB>/abs/path/data/faces/alice/001.jpg<TAB>0
+  gpu-align lst data/faces -o data/train.lst --relative --min-images 5
+      paths relative to data/ (where train.lst is); identities with < 5 images left out
+  gpu-align lst photos/ -o photos.lst --aligned 0
+      raw photos, for `gpu-align run photos.lst` (detect + align)
+  gpu-align lst data/faces -o -          write the list to stdout (summary goes to stderr)
+
+Identities are ROOT's sub-folders in sorted order and get labels 0..C-1 in that order; images in each folder are
+sorted. Hidden files, other extensions, files directly in ROOT, nested folders and identities below --min-images
+are skipped and counted in the summary (listed unless --quiet).
+"""
+
+
+def _kind(reason: str) -> str:
+    return re.split(r"[(:]", reason)[0].strip()
 
 
 def _run(args: argparse.Namespace) -> int:
-    raise UserError("'lst' is not available yet")
+    if args.min_images < 1:
+        raise UserError(f"--min-images must be at least 1, got {args.min_images}")
+    res = scan_folder(args.root, exts=args.exts, min_images=args.min_images, aligned=args.aligned, absolute=True)
+    to_stdout = args.output == "-"
+    kinds = Counter(_kind(r) for _, r in res.skipped)
+    skipped_msg = f"skipped {len(res.skipped)}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    if not res.entries:
+        hint = f"; {skipped_msg}" if res.skipped else ""
+        raise UserError(
+            f"no images found under {args.root} (expected ROOT/<identity>/<image> with extensions "
+            f"{' '.join(args.exts)}){hint}"
+        )
+    base = os.getcwd() if to_stdout else os.path.dirname(os.path.abspath(args.output))
+    entries = res.entries
+    if args.relative:
+        entries = [e.with_path(os.path.relpath(e.path, base)) for e in entries]
+    text = "".join(format_lst_line(e) + "\n" for e in entries)
+    if to_stdout:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        try:
+            atomic_write(args.output, text.encode(LST_ENCODING, LST_ERRORS))
+        except OSError as e:
+            raise UserError(f"cannot write {args.output}: {e.strerror}") from None
+    info = sys.stderr if to_stdout else sys.stdout
+    where = "stdout" if to_stdout else args.output
+    style = f"paths relative to {base}" if args.relative else "absolute paths"
+    msg = f"{where}: {len(res.identities)} identities, {len(entries)} images ({style}, aligned={args.aligned})"
+    print(msg + (f"; {skipped_msg}" if res.skipped else "; nothing skipped"), file=info)
+    if res.skipped and not args.quiet:
+        for path, reason in res.skipped[:20]:
+            print(f"  skipped {path}: {reason}", file=info)
+        if len(res.skipped) > 20:
+            print(f"  … and {len(res.skipped) - 20} more", file=info)
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("lst", help="(not available yet)").set_defaults(func=_run)
+    p = sub.add_parser(
+        "lst",
+        help="make a face2rec2 .lst from a root/<identity>/<image> folder (dir2lst)",
+        description="List a dataset folder (root/<identity>/<image>) as a face2rec2 .lst: one "
+        "'aligned<TAB>path<TAB>label' line per image, identities in sorted folder order with labels 0..C-1. "
+        "The result feeds `gpu-align pack` (aligned crops) or `gpu-align run` (photos) and InsightFace's face2rec2.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", metavar="ROOT", help="dataset folder: ROOT/<identity>/<image>")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="LST", help="the .lst to write (replaced atomically); '-' = stdout"
+    )
+    p.add_argument(
+        "--min-images",
+        type=int,
+        default=1,
+        metavar="N",
+        help="leave out identities with fewer than N images (default: 1)",
+    )
+    p.add_argument(
+        "--relative",
+        action="store_true",
+        help="write paths relative to the .lst's folder (default: absolute paths, which work from any directory, "
+        "also with face2rec2; `gpu-align pack` reads relative paths from the .lst's folder)",
+    )
+    p.add_argument(
+        "--aligned",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="first field of every line: 1 = images are aligned crops (default), 0 = photos to detect and align",
+    )
+    p.add_argument(
+        "--exts",
+        nargs="+",
+        default=list(DEFAULT_EXTS),
+        metavar="EXT",
+        help=f"image extensions, case-insensitive (default: {' '.join(DEFAULT_EXTS)})",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the one-line summary")
+    p.set_defaults(func=_run)

@@ -1,15 +1,245 @@
-"""Placeholder for `gpu-align pack` (being written); registers the command so the CLI parses."""
+"""``gpu-align pack``: aligned face crops listed in a face2rec2 ``.lst`` to a RecordIO dataset (face2rec2, aligned=1).
+
+The image bytes are stored as they are (no decode, no re-encode), like face2rec2 does for aligned lines. Each file
+is checked cheaply first (readable, a JPEG/PNG header, the ``--image-size`` pixel size); failures are skipped and
+listed in ``report.json``. Lines with aligned=0 (photos that need detection) are skipped and reported too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import collections
+import hashlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from packer.errors import UserError
+from packer.imageinfo import image_info
+from packer.layout import LABEL_STYLES, LAYOUTS, DatasetWriter, PackItem, WriteSummary
+from packer.lst import LstEntry, read_lst
+
+EPILOG = """\
+examples:
+  gpu-align lst data/faces -o data/train.lst && gpu-align pack data/train.lst --out data/faces_rec
+      InsightFace layout, scalar labels: train.rec/.idx/.lst, property, report.json in data/faces_rec
+  gpu-align pack train.lst --out rec --label-style pair
+      labels [class, 1.0] with flag 2, exactly like face2rec2
+  gpu-align pack train.lst --out rec_flat --layout flat --shuffle 42
+      keys 0..N-1, no meta records, records shuffled with seed 42: for DALI's fn.readers.mxnet
+  gpu-align pack train.lst --out rec --resume
+      continue a pack that was interrupted (Ctrl-C, kill, full disk); the result is byte-identical
+
+Paths in the .lst may be absolute, or relative to --root (default: the .lst's folder). Identities get labels
+0..C-1 in the order they first appear in the .lst; each identity's lines must be consecutive.
+Skipped inputs (missing/unreadable/not JPEG or PNG/wrong size/aligned=0/too few images) are listed with reasons in
+DIR/report.json. Outputs are written as *.partial and renamed at the end; DIR/pack.state.json records progress.
+"""
+
+_PREFETCH = 64  # files read ahead by the reader threads
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H or H,W (e.g. 112 or 112,112), got {text!r}") from None
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected H or H,W with positive numbers, got {text!r}")
+    return size
+
+
+def _load(entry: LstEntry, root: str, size: tuple[int, int]) -> PackItem:
+    """Read one .lst entry's file and check it; a problem becomes a skip reason, never an exception."""
+    path = os.path.abspath(os.path.join(root, entry.path))  # join keeps an absolute entry.path as it is
+    item = PackItem(group=str(entry.label), body=None, lst=entry.with_path(path), source=path)
+    if entry.aligned == 0:
+        item.skip_reason = "needs alignment: aligned=0 line (a photo); `gpu-align run` detects and aligns these"
+        return item
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        item.skip_reason = "missing file"
+        return item
+    except OSError as e:
+        item.skip_reason = f"unreadable file: {e.strerror}"
+        return item
+    info = image_info(data)
+    if not data:
+        item.skip_reason = "not an image: empty file"
+    elif info is None:
+        item.skip_reason = f"not an image: no JPEG or PNG header (starts with {data[:8].hex(' ')})"
+    elif (info[2], info[1]) != size:
+        item.skip_reason = (
+            f"wrong size: {info[1]}x{info[2]}, expected {size[1]}x{size[0]} (--image-size); "
+            "photos that are not aligned crops need `gpu-align run`"
+        )
+    else:
+        item.body = data
+    return item
+
+
+def _items(entries: Sequence[LstEntry], root: str, size: tuple[int, int], threads: int) -> Iterator[PackItem]:
+    """``_load`` over ``entries`` in order, reading ahead with ``threads`` threads (bounded memory)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        window: collections.deque = collections.deque()
+        it = iter(entries)
+        for e in it:
+            window.append(pool.submit(_load, e, root, size))
+            if len(window) >= _PREFETCH:
+                break
+        while window:
+            yield window.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append(pool.submit(_load, nxt, root, size))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _print_summary(s: WriteSummary, quiet: bool) -> None:
+    resumed = f" (resumed after {s.resumed_from} inputs)" if s.resumed_from else ""
+    if s.already_finished:
+        resumed = " (already finished: nothing to do)"
+    msg = (
+        f"{s.out_dir}: {s.num_images} images, {s.num_classes} identities "
+        f"({s.layout} layout, {s.label_style} labels){resumed}"
+    )
+    if s.num_skipped:
+        reasons = ", ".join(f"{n} {k}" for k, n in s.skipped_by_reason.items())
+        msg += f"; skipped {s.num_skipped} inputs ({reasons}), listed in {s.report_path}"
+    print(msg)
 
 
 def _run(args: argparse.Namespace) -> int:
-    raise UserError("'pack' is not available yet")
+    lst_path = args.lst
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    entries = list(read_lst(lst_path))  # every .lst problem is fatal here, before anything is written
+    if not entries:
+        raise UserError(f"{lst_path}: no entries")
+    root = os.path.abspath(args.root if args.root is not None else os.path.dirname(os.path.abspath(lst_path)))
+    config = {"command": "pack", "lst_sha256": _sha256(lst_path), "root": root}
+    try:
+        writer = DatasetWriter(
+            args.out,
+            layout=args.layout,
+            label_style=args.label_style,
+            image_size=args.image_size,
+            min_images=args.min_images,
+            shuffle_seed=args.shuffle,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            config=config,
+        )
+    except OSError as e:
+        raise UserError(f"cannot write to {args.out}: {e.strerror} ({e.filename})") from None
+    unaligned = [e.path for e in entries if e.aligned == 0]
+    if unaligned:
+        first = ", ".join(unaligned[:3]) + (", …" if len(unaligned) > 3 else "")
+        print(
+            f"gpu-align: note: {len(unaligned)} lines have aligned=0 (photos that need face detection and "
+            f"alignment: {first}); pack skips them, `gpu-align run` aligns them",
+            file=sys.stderr,
+        )
+    from tqdm import tqdm
+
+    todo = entries[writer.done :]
+    try:
+        with (
+            writer,
+            tqdm(
+                total=len(entries), initial=writer.done, unit="img", desc="pack", disable=args.quiet, file=sys.stderr
+            ) as bar,
+        ):
+            for item in _items(todo, root, args.image_size, args.threads):
+                writer.add(item)
+                bar.update()
+            summary = writer.close()
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(
+            f"writing {args.out} failed: {e.strerror or e}{where}; everything written so far is kept: "
+            "fix the cause (e.g. free disk space) and rerun the same command with --resume"
+        ) from None
+    except KeyboardInterrupt:
+        print(
+            f"gpu-align: pack interrupted; rerun the same command with --resume to continue {args.out}", file=sys.stderr
+        )
+        raise
+    _print_summary(summary, args.quiet)
+    if summary.num_images == 0:
+        print("gpu-align: warning: no images were written", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("pack", help="(not available yet)").set_defaults(func=_run)
+    p = sub.add_parser(
+        "pack",
+        help="pack aligned face crops listed in a .lst into train.rec/.idx/.lst + property (face2rec2)",
+        description="Pack the aligned crops (aligned=1 lines) of a face2rec2 .lst into an InsightFace dataset "
+        "folder: train.rec, train.idx, train.lst, property, report.json. Image bytes are stored as they are, as "
+        "face2rec2 does. Killed or out of disk space? Rerun with --resume.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("lst", metavar="LST", help="face2rec2 .lst (e.g. from `gpu-align lst`)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty or new)")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="insightface",
+        help="insightface (default): image keys 1..N, key 0 header, identity records (arcface_torch, mxnet); "
+        "flat: keys 0..N-1 only, scalar labels (DALI's fn.readers.mxnet)",
+    )
+    p.add_argument(
+        "--label-style",
+        choices=LABEL_STYLES,
+        default="scalar",
+        help="scalar (default): class in the record header, like InsightFace's released datasets, read by every "
+        "known loader; pair: [class, 1.0] like face2rec2",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_image_size,
+        default=(112, 112),
+        metavar="H[,W]",
+        help="crop size, written to property as C,H,W; images of another size are skipped (default: 112)",
+    )
+    p.add_argument(
+        "--min-images",
+        type=int,
+        default=1,
+        metavar="N",
+        help="drop identities with fewer than N stored images; labels stay contiguous (default: 1)",
+    )
+    p.add_argument(
+        "--shuffle",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="flat layout: shuffle the records with this seed (same seed, same bytes)",
+    )
+    p.add_argument(
+        "--root", default=None, metavar="DIR", help="folder that relative .lst paths start from (default: the .lst's)"
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue an interrupted pack into DIR")
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace gpu-align's files in DIR (other files are left alone)"
+    )
+    p.add_argument("--threads", type=int, default=4, metavar="N", help="file reader threads (default: 4)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
