@@ -1,0 +1,479 @@
+"""MTCNN face detection (P-Net → R-Net → O-Net) in pure torch, batched across images of different sizes.
+
+Reproduces facenet-pytorch 2.6.0's ``detect_face`` (its weights, defaults, box regression, ``rerec``, ``pad``, the
+(N, W, H, C) flatten of R-Net/O-Net, landmark decoding, the rounding and ``+1`` conventions) with these changes
+of *implementation* (same results):
+
+- Pyramid: all levels of all images are packed into a few atlas pages (``gpu_align.pyramid``) and P-Net runs
+  once per page batch; masks keep images apart, so each image gets exactly its lone-image outputs.
+- Resampling (pyramid levels and the 24×24 / 48×48 crops): one gather from summed-area tables
+  (``gpu_align.resample``), equal to facenet-pytorch's ``interpolate(mode="area")`` of the same region.
+- NMS: exact greedy NMS in torch on the device, batched over images/levels (``gpu_align.nms``).
+
+and these deliberate deviations:
+
+- A candidate box whose clipped crop is empty is dropped (facenet-pytorch skips its crop but keeps the box, which
+  misaligns boxes and crops for the rest of the batch).
+- Images whose short side is below 12 · min_face / 12 px (e.g. scikit-image's 14×25 ``no_time_for_that_tiny.gif``
+  at the default 20 px) give no detections instead of an exception.
+- Box arithmetic is always float32, also when the networks run in float16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from gpu_align.nms import batched_nms
+from gpu_align.pyramid import PyramidPlan, plan_pyramid
+from gpu_align.resample import IntegralImages, integral_images, resample_crops, resample_ragged_into
+from packer.errors import UserError
+
+INSTALL_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
+_WEIGHT_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
+# conv1 outputs outside an image: loses every max-pool comparison, still finite in float16.
+_OUTSIDE = -1.0e4
+
+
+class MTCNNWeightsMissing(UserError, FileNotFoundError):
+    """The MTCNN weight files are not installed; the message says how to install them."""
+
+
+def mtcnn_weights_dir() -> Path:
+    """``facenet_pytorch/data`` of the installed facenet-pytorch wheel, found without importing the package.
+
+    (Importing facenet_pytorch needs torchvision, which this project does not use.) Raises
+    :class:`MTCNNWeightsMissing` with the install command when the package or a weight file is missing.
+    """
+    try:
+        spec = importlib.util.find_spec("facenet_pytorch")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MTCNNWeightsMissing(f"MTCNN weights not found: facenet-pytorch is not installed; run: {INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        data = Path(location) / "data"
+        if all((data / name).is_file() for name in _WEIGHT_FILES):
+            return data
+    raise MTCNNWeightsMissing(
+        f"MTCNN weights ({', '.join(_WEIGHT_FILES)}) missing from facenet-pytorch; reinstall: {INSTALL_HINT}"
+    )
+
+
+class Detections(NamedTuple):
+    """Faces found in one image, sorted by descending score; tensors on the detector's device."""
+
+    boxes: torch.Tensor  # (K, 4) float32 x1 y1 x2 y2, pixel coordinates of that image
+    scores: torch.Tensor  # (K,) float32 O-Net face probability
+    landmarks: torch.Tensor  # (K, 5, 2) float32 (x, y): eyeL eyeR nose mouthL mouthR (image left/right)
+
+
+# --- networks (parameter names match facenet-pytorch's state dicts) --------------------------------------------
+
+
+class PNet(nn.Module):
+    """Proposal network: fully convolutional, 12×12 receptive field, output stride 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
+        self.prelu1 = nn.PReLU(10)
+        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(10, 16, kernel_size=3)
+        self.prelu2 = nn.PReLU(16)
+        self.conv3 = nn.Conv2d(16, 32, kernel_size=3)
+        self.prelu3 = nn.PReLU(32)
+        self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
+        self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
+
+    def _head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=1)[:, 1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) normalised → regression (N, 4, h, w), face probability (N, h, w)."""
+        return self._head(self.pool1(self.prelu1(self.conv1(x))))
+
+    def forward_atlas(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """P-Net over atlas pages holding many images (see ``gpu_align.pyramid``).
+
+        Args:
+            x: (P, 3, H, W) normalised pages.
+            ids: (P, H, W) int32 placement id of every page pixel, -1 where no image is.
+        Returns:
+            regression (P, 4, h, w), face probability (P, h, w), and the placement id of each output cell
+            (P, h, w) int64, -1 where the cell's 12×12 window is not inside one placement.
+        """
+        # conv1 cell valid iff its 3×3 window lies in one placement (rectangles: check two opposite corners).
+        id1 = ids[:, :-2, :-2]
+        valid1 = (id1 >= 0) & (id1 == ids[:, 2:, 2:])
+        y = self.prelu1(self.conv1(x))
+        y = self.pool1(torch.where(valid1[:, None], y, torch.tensor(_OUTSIDE, dtype=y.dtype, device=y.device)))
+        # A pooled cell is valid iff the top-left conv1 cell of its window is (the pool is ceil-mode).
+        valid2 = valid1[:, ::2, ::2]
+        id2 = id1[:, ::2, ::2]
+        y = torch.where(valid2[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+        reg, prob = self._head(y)
+        # Output cell (i, j) reads pooled cells [i, i+5) × [j, j+5): valid iff both corners are valid, same placement.
+        cell = id2[:, :-4, :-4]
+        ok = valid2[:, :-4, :-4] & valid2[:, 4:, 4:] & (cell == id2[:, 4:, 4:])
+        return reg, prob, torch.where(ok, cell, -1).long()
+
+
+class RNet(nn.Module):
+    """Refinement network on 24×24 crops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 28, kernel_size=3)
+        self.prelu1 = nn.PReLU(28)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(28, 48, kernel_size=3)
+        self.prelu2 = nn.PReLU(48)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(48, 64, kernel_size=2)
+        self.prelu3 = nn.PReLU(64)
+        self.dense4 = nn.Linear(576, 128)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5_1 = nn.Linear(128, 2)
+        self.dense5_2 = nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, 24, 24) normalised → regression (N, 4), face probability (N,)."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu3(self.conv3(x))
+        # The Caffe-trained dense layer expects (N, W, H, C) order.
+        x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
+        return self.dense5_2(x), torch.softmax(self.dense5_1(x), dim=1)[:, 1]
+
+
+class ONet(nn.Module):
+    """Output network on 48×48 crops: box regression, 5 landmarks, face probability."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
+        self.prelu1 = nn.PReLU(32)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
+        self.prelu2 = nn.PReLU(64)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(64, 64, kernel_size=3)
+        self.prelu3 = nn.PReLU(64)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4 = nn.Conv2d(64, 128, kernel_size=2)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5 = nn.Linear(1152, 256)
+        self.prelu5 = nn.PReLU(256)
+        self.dense6_1 = nn.Linear(256, 2)
+        self.dense6_2 = nn.Linear(256, 4)
+        self.dense6_3 = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, 3, 48, 48) normalised → regression (N, 4), landmarks (N, 10) (x1..x5, y1..y5 in [0, 1] of the
+        box), face probability (N,)."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x))
+        x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
+        return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)[:, 1]
+
+
+# --- box helpers (float32, facenet-pytorch's exact formulas) ----------------------------------------------------
+
+
+def _rerec(b: torch.Tensor) -> torch.Tensor:
+    """Square boxes (N, 4) around their centres, side = max(w, h) (no +1), as facenet-pytorch's ``rerec``."""
+    w = b[:, 2] - b[:, 0]
+    h = b[:, 3] - b[:, 1]
+    side = torch.maximum(w, h)
+    x1 = b[:, 0] + w * 0.5 - side * 0.5
+    y1 = b[:, 1] + h * 0.5 - side * 0.5
+    return torch.stack([x1, y1, x1 + side, y1 + side], dim=1)
+
+
+def _bbreg(b: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """Apply R-Net/O-Net regression (N, 4) with +1 box sizes, as facenet-pytorch's ``bbreg``."""
+    w = b[:, 2] - b[:, 0] + 1
+    h = b[:, 3] - b[:, 1] + 1
+    return torch.stack(
+        [b[:, 0] + reg[:, 0] * w, b[:, 1] + reg[:, 1] * h, b[:, 2] + reg[:, 2] * w, b[:, 3] + reg[:, 3] * h], dim=1
+    )
+
+
+def _crop_regions(boxes: torch.Tensor, image_index: torch.Tensor, ii: IntegralImages):
+    """facenet-pytorch's ``pad``: truncate, clip to the image, crop rows [y-1, ey), cols [x-1, ex) (1-based).
+
+    Returns (y0, x0, h, w) (N,) int64 and the (N,) bool mask of non-empty regions.
+    """
+    t = boxes.trunc().long()
+    img_h = torch.tensor(ii.heights, dtype=torch.int64, device=boxes.device)[image_index]
+    img_w = torch.tensor(ii.widths, dtype=torch.int64, device=boxes.device)[image_index]
+    x0 = t[:, 0].clamp(min=1) - 1
+    y0 = t[:, 1].clamp(min=1) - 1
+    x1 = torch.minimum(t[:, 2], img_w)
+    y1 = torch.minimum(t[:, 3], img_h)
+    h = y1 - y0
+    w = x1 - x0
+    return y0, x0, h, w, (h > 0) & (w > 0)
+
+
+class MTCNN(nn.Module):
+    """Batched MTCNN face detector (facenet-pytorch weights and defaults).
+
+    Args:
+        min_face_size: smallest face (px) searched for by default; ``detect(min_face_sizes=...)`` overrides it
+            per image. Larger values skip the finest pyramid levels (the main speed lever for big photos).
+        scale_factor: pyramid step (facenet-pytorch ``factor``).
+        thresholds: P-Net, R-Net, O-Net face-probability thresholds (P-Net ``>=``, the others ``>``).
+        nms_thresholds: IoU threshold within one pyramid level, IoU across levels and after R-Net,
+            "Min" overlap after O-Net. (facenet-pytorch hard-codes 0.5 / 0.7 / 0.7.)
+        weights_dir: folder with pnet.pt, rnet.pt, onet.pt (default: :func:`mtcnn_weights_dir`).
+        device: where the networks run and the returned tensors live.
+        dtype: network dtype (float16 is meant for CUDA; box arithmetic stays float32).
+        channels_last: run the convolutions in channels-last memory format (a CUDA option).
+        page_side: atlas page size for P-Net (see ``gpu_align.pyramid``).
+        pnet_max_pixels: atlas pixels per P-Net call (bounds memory: ~100 bytes per pixel in float32).
+        crop_batch: R-Net/O-Net crops per forward pass (bounds memory).
+    """
+
+    def __init__(
+        self,
+        *,
+        min_face_size: float = 20,
+        scale_factor: float = 0.709,
+        thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+        nms_thresholds: Sequence[float] = (0.5, 0.7, 0.7),
+        weights_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        page_side: int = 2048,
+        pnet_max_pixels: int = 1 << 23,
+        crop_batch: int = 4096,
+    ) -> None:
+        super().__init__()
+        if not min_face_size > 0:
+            raise ValueError(f"min_face_size must be > 0, got {min_face_size}")
+        if not 0 < scale_factor < 1:
+            raise ValueError(f"scale_factor must be in (0, 1), got {scale_factor}")
+        if len(thresholds) != 3 or len(nms_thresholds) != 3:
+            raise ValueError("thresholds and nms_thresholds need three values (P-Net, R-Net, O-Net)")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        self.min_face_size = float(min_face_size)
+        self.scale_factor = float(scale_factor)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.nms_thresholds = tuple(float(t) for t in nms_thresholds)
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.page_side = int(page_side)
+        self.pnet_max_pixels = int(pnet_max_pixels)
+        self.crop_batch = int(crop_batch)
+        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
+        folder = Path(weights_dir) if weights_dir is not None else mtcnn_weights_dir()
+        for name, net in zip(_WEIGHT_FILES, (self.pnet, self.rnet, self.onet), strict=True):
+            path = folder / name
+            if not path.is_file():
+                raise MTCNNWeightsMissing(f"MTCNN weight file {path} not found; install: {INSTALL_HINT}")
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.eval()
+        self.requires_grad_(False)
+        self.to(device=device, dtype=dtype)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pnet.conv1.weight.device
+
+    # --- public API -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def detect(
+        self,
+        images: Sequence[np.ndarray | torch.Tensor],
+        *,
+        min_face_sizes: float | Sequence[float | None] | None = None,
+    ) -> list[Detections]:
+        """Detect faces in a batch of RGB images of any sizes.
+
+        Args:
+            images: each (H, W, 3) uint8 RGB, a numpy array or a torch tensor on any device (copied to the
+                detector's device).
+            min_face_sizes: smallest face (px) per image (a sequence, ``None`` entries = default), or one value for
+                all; default ``self.min_face_size``.
+        Returns:
+            One :class:`Detections` per image, in input order; faces sorted by descending score.
+        """
+        tensors = [self._as_tensor(im, i) for i, im in enumerate(images)]
+        n_img = len(tensors)
+        min_faces = self._min_faces(min_face_sizes, n_img)
+        device = self.device
+        empty = Detections(
+            torch.zeros((0, 4), device=device), torch.zeros((0,), device=device), torch.zeros((0, 5, 2), device=device)
+        )
+        if n_img == 0:
+            return []
+        sizes = [(int(t.shape[0]), int(t.shape[1])) for t in tensors]
+        plan = plan_pyramid(sizes, min_faces, self.scale_factor, page_side=self.page_side)
+        if len(plan) == 0:  # every image is smaller than one 12 px P-Net window at its finest scale
+            return [empty] * n_img
+        ii = integral_images(tensors)
+        boxes, image_index = self._stage1(ii, plan)
+        boxes, image_index = self._stage2(ii, boxes, image_index)
+        boxes, scores, landmarks, image_index = self._stage3(ii, boxes, image_index)
+        return self._split(boxes, scores, landmarks, image_index, n_img)
+
+    # --- stages -----------------------------------------------------------------------------------------------
+
+    def _stage1(self, ii: IntegralImages, plan: PyramidPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """P-Net over the atlas; returns regressed, squared boxes (N, 4) float32 and their image (N,) int64."""
+        device = ii.device
+        k = torch.from_numpy(np.stack([plan.image, plan.height, plan.width, plan.page, plan.y, plan.x])).to(device)
+        p_image, p_h, p_w, p_page, p_y, p_x = k
+        p_scale = torch.from_numpy(plan.scale.astype(np.float32)).to(device)
+        thr_p, _, _ = self.thresholds
+        per_call = []
+        for first, end, height in plan.calls(self.pnet_max_pixels):
+            width = plan.page_width
+            sel = np.flatnonzero((plan.page >= first) & (plan.page < end))
+            sel_t = torch.from_numpy(sel).to(device)
+            atlas = torch.zeros(((end - first) * height * width, 3), dtype=self.dtype, device=device)
+            ids = torch.full(((end - first) * height * width,), -1, dtype=torch.int32, device=device)
+            page_base = (p_page[sel_t] - first) * (height * width)
+            resample_ragged_into(
+                ii,
+                p_image[sel_t],
+                p_h[sel_t],
+                p_w[sel_t],
+                page_base + p_y[sel_t] * width + p_x[sel_t],
+                torch.full_like(page_base, width),
+                int((plan.height[sel] * plan.width[sel]).sum()),
+                atlas,
+                ids,
+                sel_t,
+            )
+            x = atlas.view(end - first, height, width, 3).permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            reg, prob, cell = self.pnet.forward_atlas(x, ids.view(end - first, height, width))
+            pi, ci, cj = torch.nonzero((cell >= 0) & (prob >= thr_p), as_tuple=True)
+            place = cell[pi, ci, cj]
+            score = prob[pi, ci, cj].float()
+            offsets = reg[pi, :, ci, cj].float()
+            scale = p_scale[place]
+            # facenet-pytorch generateBoundingBox: cell (x, y) → [floor((2x+1)/s), floor((2x+12)/s)].
+            cx = (cj - torch.div(p_x[place], 2, rounding_mode="floor")).float()
+            cy = (ci - torch.div(p_y[place], 2, rounding_mode="floor")).float()
+            b = torch.stack(
+                [
+                    ((2 * cx + 1) / scale).floor(),
+                    ((2 * cy + 1) / scale).floor(),
+                    ((2 * cx + 12) / scale).floor(),
+                    ((2 * cy + 12) / scale).floor(),
+                ],
+                dim=1,
+            )
+            keep = batched_nms(b, score, place, self.nms_thresholds[0])  # within each image × level
+            per_call.append((b[keep], score[keep], offsets[keep], p_image[place[keep]]))
+        boxes, score, offsets, image_index = (torch.cat(v) for v in zip(*per_call, strict=True))
+        keep = batched_nms(boxes, score, image_index, self.nms_thresholds[1])  # across levels, per image
+        boxes, offsets, image_index = boxes[keep], offsets[keep], image_index[keep]
+        w = (boxes[:, 2] - boxes[:, 0])[:, None]
+        h = (boxes[:, 3] - boxes[:, 1])[:, None]
+        boxes = boxes + offsets * torch.cat([w, h, w, h], dim=1)  # P-Net regression uses sizes without +1
+        return _rerec(boxes), image_index
+
+    def _run_crops(self, net: nn.Module, ii: IntegralImages, y0, x0, h, w, image_index, size: int):
+        """Crop + resample all regions to size×size and run ``net`` in chunks; outputs as float32."""
+        outs = []
+        for lo in range(0, image_index.shape[0], self.crop_batch):
+            hi = lo + self.crop_batch
+            crops = resample_crops(ii, image_index[lo:hi], y0[lo:hi], x0[lo:hi], h[lo:hi], w[lo:hi], size)
+            crops = ((crops - 127.5) * 0.0078125).to(self.dtype)
+            if self.channels_last:
+                crops = crops.contiguous(memory_format=torch.channels_last)
+            outs.append([o.float() for o in net(crops)])
+        return [torch.cat(v) for v in zip(*outs, strict=True)]
+
+    def _stage2(self, ii: IntegralImages, boxes: torch.Tensor, image_index: torch.Tensor):
+        """R-Net on 24×24 crops; returns refined, squared boxes and their image."""
+        y0, x0, h, w, ok = _crop_regions(boxes, image_index, ii)
+        boxes, image_index, y0, x0, h, w = (t[ok] for t in (boxes, image_index, y0, x0, h, w))
+        if boxes.shape[0] == 0:
+            return boxes, image_index
+        reg, prob = self._run_crops(self.rnet, ii, y0, x0, h, w, image_index, 24)
+        ok = prob > self.thresholds[1]
+        boxes, image_index, reg, prob = boxes[ok], image_index[ok], reg[ok], prob[ok]
+        keep = batched_nms(boxes, prob, image_index, self.nms_thresholds[1])
+        return _rerec(_bbreg(boxes[keep], reg[keep])), image_index[keep]
+
+    def _stage3(self, ii: IntegralImages, boxes: torch.Tensor, image_index: torch.Tensor):
+        """O-Net on 48×48 crops; returns final boxes, scores, landmarks (N, 5, 2) and image index."""
+        y0, x0, h, w, ok = _crop_regions(boxes, image_index, ii)
+        boxes, image_index, y0, x0, h, w = (t[ok] for t in (boxes, image_index, y0, x0, h, w))
+        if boxes.shape[0] == 0:
+            return boxes, boxes.new_zeros((0,)), boxes.new_zeros((0, 5, 2)), image_index
+        reg, points, prob = self._run_crops(self.onet, ii, y0, x0, h, w, image_index, 48)
+        ok = prob > self.thresholds[2]
+        boxes, image_index, reg, points, prob = boxes[ok], image_index[ok], reg[ok], points[ok], prob[ok]
+        # Landmarks are relative to the O-Net input box (before regression), +1 sizes and the -1 of 1-based crops.
+        bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        px = bw * points[:, :5] + boxes[:, 0:1] - 1
+        py = bh * points[:, 5:] + boxes[:, 1:2] - 1
+        landmarks = torch.stack([px, py], dim=2)
+        boxes = _bbreg(boxes, reg)
+        keep = batched_nms(boxes, prob, image_index, self.nms_thresholds[2], mode="min")
+        return boxes[keep], prob[keep], landmarks[keep], image_index[keep]
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _as_tensor(self, image: np.ndarray | torch.Tensor, index: int) -> torch.Tensor:
+        """(H, W, 3) uint8 on the detector's device, or ValueError naming the bad image."""
+        if isinstance(image, np.ndarray):
+            with warnings.catch_warnings():  # read-only arrays (e.g. from PIL) are fine: they are only read
+                warnings.simplefilter("ignore", UserWarning)
+                image = torch.from_numpy(np.ascontiguousarray(image))
+        elif not isinstance(image, torch.Tensor):
+            raise TypeError(f"image {index}: expected a numpy array or torch tensor, got {type(image).__name__}")
+        if image.dim() != 3 or image.shape[2] != 3 or image.dtype != torch.uint8:
+            raise ValueError(
+                f"image {index}: expected an (H, W, 3) uint8 RGB image, got shape {tuple(image.shape)} {image.dtype}"
+            )
+        return image.to(self.device, non_blocking=True)
+
+    def _min_faces(self, min_face_sizes, n: int) -> list[float]:
+        if min_face_sizes is None:
+            values = [self.min_face_size] * n
+        elif isinstance(min_face_sizes, (int, float)):
+            values = [float(min_face_sizes)] * n
+        else:
+            values = [self.min_face_size if v is None else float(v) for v in min_face_sizes]
+            if len(values) != n:
+                raise ValueError(f"min_face_sizes has {len(values)} values for {n} images")
+        for i, v in enumerate(values):
+            if not v > 0:
+                raise ValueError(f"min_face_sizes[{i}] must be > 0, got {v}")
+        return values
+
+    def _split(self, boxes, scores, landmarks, image_index, n_img: int) -> list[Detections]:
+        """Per-image :class:`Detections`, keeping the (descending-score) order within each image."""
+        order = torch.sort(image_index, stable=True).indices
+        counts = torch.bincount(image_index, minlength=n_img).tolist()
+        parts = zip(
+            boxes[order].split(counts), scores[order].split(counts), landmarks[order].split(counts), strict=True
+        )
+        return [Detections(b, s, lm) for b, s, lm in parts]
+
+
+__all__ = ["MTCNN", "Detections", "MTCNNWeightsMissing", "mtcnn_weights_dir"]

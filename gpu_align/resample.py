@@ -1,0 +1,170 @@
+"""Batched "area" resampling of many image regions at once, from summed-area tables (integral images).
+
+facenet-pytorch resizes with ``F.interpolate(mode="area")``, i.e. ``adaptive_avg_pool2d``: output pixel ``i`` of
+``O`` averages input rows ``[floor(i*I/O), ceil((i+1)*I/O))`` (bins overlap when ``I/O`` is not an integer), and
+the same for columns. With a summed-area table every such bin mean is four lookups, whatever the sizes, so
+
+- every pyramid level of every image (different sizes, written into the P-Net atlas), and
+- every R-Net/O-Net candidate crop (24×24 / 48×48, any source size, thousands of boxes)
+
+are each produced by ONE vectorised gather, with no loop over images, levels or boxes. The tables are exact
+integers (int32; int64 for images over 8 Mpx), and means are computed as ``sum / kh / kw`` like PyTorch's pooling
+kernel, so the result equals ``F.interpolate(..., mode="area")`` of the same region bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Beyond this many pixels an int32 table could overflow (255 · H · W ≥ 2^31).
+_INT32_MAX_PIXELS = (2**31 - 1) // 255
+
+
+@dataclass
+class IntegralImages:
+    """Summed-area tables of a batch of RGB images, concatenated in one flat buffer.
+
+    ``flat[base[b] + y * stride[b] + x]`` is the (3,) sum of image ``b``'s pixels ``[0, y) × [0, x)``,
+    for ``0 <= y <= H_b``, ``0 <= x <= W_b``.
+    """
+
+    flat: torch.Tensor  # (T, 3) int32 (int64 for huge images) on device
+    base: torch.Tensor  # (B,) int64 on device
+    stride: torch.Tensor  # (B,) int64 on device, W_b + 1
+    heights: list[int]
+    widths: list[int]
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
+
+def integral_images(images: Sequence[torch.Tensor]) -> IntegralImages:
+    """Summed-area tables of ``images``: each (H, W, 3) uint8 on one device (sizes may differ)."""
+    if not images:
+        raise ValueError("integral_images needs at least one image")
+    device = images[0].device
+    big = any(im.shape[0] * im.shape[1] > _INT32_MAX_PIXELS for im in images)
+    dtype = torch.int64 if big else torch.int32
+    tables = []
+    for im in images:
+        h, w = im.shape[:2]
+        table = torch.zeros((h + 1, w + 1, 3), dtype=dtype, device=device)
+        torch.cumsum(im.cumsum(0, dtype=dtype), 1, out=table[1:, 1:])
+        tables.append(table.view(-1, 3))
+    sizes = [(im.shape[0] + 1) * (im.shape[1] + 1) for im in images]
+    base = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0)
+    stride = torch.tensor([im.shape[1] + 1 for im in images], dtype=torch.int64)
+    return IntegralImages(
+        flat=torch.cat(tables) if len(tables) > 1 else tables[0],
+        base=base.to(device, non_blocking=True),
+        stride=stride.to(device, non_blocking=True),
+        heights=[int(im.shape[0]) for im in images],
+        widths=[int(im.shape[1]) for im in images],
+    )
+
+
+def _bins(index: torch.Tensor, size_in: torch.Tensor, size_out: torch.Tensor | int):
+    """adaptive_avg_pool bin ``[start, end)`` of output index ``index`` (integer tensors, broadcasting)."""
+    start = torch.div(index * size_in, size_out, rounding_mode="floor")
+    end = torch.div((index + 1) * size_in + size_out - 1, size_out, rounding_mode="floor")
+    return start, end
+
+
+def _corner_sums(flat: torch.Tensor, r0, r1, c0, c1) -> torch.Tensor:
+    """Region sums from flat offsets: ``r*`` = base + row * stride, ``c*`` = column; broadcasting; (..., 3)."""
+    return flat[r1 + c1] - flat[r0 + c1] - flat[r1 + c0] + flat[r0 + c0]
+
+
+def resample_crops(
+    ii: IntegralImages,
+    image_index: torch.Tensor,
+    y0: torch.Tensor,
+    x0: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
+    """Area-resample N regions (rows ``[y0, y0+h)``, cols ``[x0, x0+w)`` of image ``image_index``) to size×size.
+
+    Args: (N,) int64 tensors on ``ii.device``; regions must lie inside their image and be non-empty.
+    Returns: (N, 3, size, size) float32 channel means in 0..255 (what ``F.interpolate(crop, (size, size),
+    mode="area")`` gives for the same crop).
+    """
+    n = image_index.shape[0]
+    if n == 0:
+        return torch.zeros((0, 3, size, size), dtype=torch.float32, device=ii.device)
+    idx = torch.arange(size, device=ii.device)
+    rs, re = _bins(idx[None, :], h[:, None], size)  # (N, size)
+    cs, ce = _bins(idx[None, :], w[:, None], size)
+    base = ii.base[image_index][:, None]
+    stride = ii.stride[image_index][:, None]
+    r0 = (base + (y0[:, None] + rs) * stride)[:, :, None]  # (N, size, 1)
+    r1 = (base + (y0[:, None] + re) * stride)[:, :, None]
+    c0 = (x0[:, None] + cs)[:, None, :]  # (N, 1, size)
+    c1 = (x0[:, None] + ce)[:, None, :]
+    sums = _corner_sums(ii.flat, r0, r1, c0, c1).to(torch.float32)  # (N, size, size, 3)
+    kh = (re - rs).to(torch.float32)[:, :, None, None]
+    kw = (ce - cs).to(torch.float32)[:, None, :, None]
+    return (sums / kh / kw).permute(0, 3, 1, 2)
+
+
+def resample_ragged_into(
+    ii: IntegralImages,
+    image_index: torch.Tensor,
+    out_h: torch.Tensor,
+    out_w: torch.Tensor,
+    dst_base: torch.Tensor,
+    dst_stride: torch.Tensor,
+    total: int,
+    out: torch.Tensor,
+    ids_out: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+    *,
+    max_pixels: int = 1 << 22,
+) -> None:
+    """Area-resample K whole images to their own output sizes and write them into a flat destination.
+
+    Args:
+        image_index, out_h, out_w, dst_base, dst_stride: (K,) int64 on ``ii.device``. Output pixel (r, c) of
+            region k goes to ``out[dst_base[k] + r * dst_stride[k] + c]``.
+        total: sum of ``out_h * out_w`` (a host int, so no device sync is needed to size the work).
+        out: (M, 3) float tensor (any float dtype), written in place with the normalised value
+            ``(mean - 127.5) / 128`` that MTCNN's networks expect.
+        ids_out, ids: optional (M,) integer map and (K,) values: ``ids_out`` at every written pixel gets ``ids[k]``.
+        max_pixels: pixels processed per step (bounds the temporaries, ~100 bytes per pixel).
+    """
+    device = ii.device
+    k_count = image_index.shape[0]
+    if k_count == 0 or total == 0:
+        return
+    area = out_h * out_w
+    first = torch.cumsum(area, 0) - area  # first flat output pixel of each region
+    src_h = torch.tensor(ii.heights, dtype=torch.int64, device=device)[image_index]
+    src_w = torch.tensor(ii.widths, dtype=torch.int64, device=device)[image_index]
+    base = ii.base[image_index]
+    stride = ii.stride[image_index]
+    # Output pixels are enumerated flat, region by region; searchsorted finds each pixel's region, so steps of
+    # max_pixels may split regions anywhere and nothing has to be read back to the host.
+    for lo in range(0, total, max_pixels):
+        hi = min(total, lo + max_pixels)
+        t = torch.arange(lo, hi, device=device)
+        k = torch.searchsorted(first, t, right=True) - 1
+        q = t - first[k]
+        ow = out_w[k]
+        r = torch.div(q, ow, rounding_mode="floor")
+        c = q - r * ow
+        oh = out_h[k]
+        rs, re = _bins(r, src_h[k], oh)
+        cs, ce = _bins(c, src_w[k], ow)
+        b = base[k]
+        s = stride[k]
+        sums = _corner_sums(ii.flat, b + rs * s, b + re * s, cs, ce).to(torch.float32)
+        mean = sums / (re - rs).to(torch.float32)[:, None] / (ce - cs).to(torch.float32)[:, None]
+        dst = dst_base[k] + r * dst_stride[k] + c
+        out[dst] = ((mean - 127.5) * 0.0078125).to(out.dtype)
+        if ids_out is not None and ids is not None:
+            ids_out[dst] = ids[k].to(ids_out.dtype)
