@@ -1,15 +1,72 @@
-"""Placeholder for `gpu-align unpack` (being written); registers the command so the CLI parses."""
+"""``gpu-align unpack DIR --out IMGDIR``: write every image of a dataset to ``IMGDIR/<label>/<key>.<ext>``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from packer.errors import UserError
+from packer.reader import DatasetReader, image_ext
+
+EPILOG = """\
+Each image is written with the bytes stored in the .rec (no re-encoding), as IMGDIR/<label>/<key>.jpg;
+the extension follows the stored format (.png for PNG bodies, .bin if the bytes are no known image).
+Works on both layouts (insightface: keys 1..N from key 0; flat: every record) and both label styles
+(scalar, or [class, aligned]: the class is the first value), including InsightFace's released recs.
+Label folders are plain numbers (0, 1, ..., 10): 'gpu-align lst' sorts folders by name, so a re-pack of
+IMGDIR numbers the classes in that string order, not by the old label.
+
+A non-empty IMGDIR is refused unless --overwrite (which replaces files of the same name, keeps others).
+
+examples:
+  gpu-align unpack data/faces_emore --out /tmp/emore_images
+  gpu-align unpack shard.rec --out imgs --overwrite --quiet
+"""
+
+
+def unpack_dataset(path, out, *, overwrite: bool = False, progress: bool = True) -> tuple[int, int]:
+    """Write every image of the dataset at ``path`` to ``out/<label>/<key>.<ext>``; returns (images, labels)."""
+    out = Path(out)
+    with DatasetReader(path) as reader:
+        if out.exists():
+            if not out.is_dir():
+                raise UserError(f"{out} exists and is not a folder")
+            if any(out.iterdir()) and not overwrite:
+                raise UserError(f"{out} is not empty; choose an empty folder or pass --overwrite")
+        out.mkdir(parents=True, exist_ok=True)
+        keys = reader.image_keys()
+        made: set[int] = set()
+        it = keys
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(keys, desc="unpack", unit="img", mininterval=0.5)
+        for key in it:
+            rec = reader.read(key)
+            folder = out / str(rec.label)
+            if rec.label not in made:
+                folder.mkdir(exist_ok=True)
+                made.add(rec.label)
+            (folder / f"{key}{image_ext(rec.body)}").write_bytes(rec.body)
+    return len(keys), len(made)
 
 
 def _run(args: argparse.Namespace) -> int:
-    raise UserError("'unpack' is not available yet")
+    n, k = unpack_dataset(args.dataset, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"unpacked {n} images of {k} labels to {args.out}")
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("unpack", help="(not available yet)").set_defaults(func=_run)
+    p = sub.add_parser(
+        "unpack",
+        help="write a dataset's images to IMGDIR/<label>/<key>.jpg (stored bytes, no re-encode)",
+        description="Extract the images of a RecordIO dataset into one folder per label.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dataset", metavar="DIR", help="dataset folder (train.rec + train.idx), or a .rec / .idx file")
+    p.add_argument("--out", required=True, metavar="IMGDIR", help="output folder (must be empty or new)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty IMGDIR")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)

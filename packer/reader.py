@@ -1,0 +1,442 @@
+"""Read InsightFace RecordIO datasets: ``DatasetReader`` plus the small helpers the dataset tools share.
+
+A dataset is ``DIR/train.rec`` + ``DIR/train.idx`` (+ ``DIR/property``), or any ``X.rec`` with its sibling
+``X.idx``. Two layouts exist:
+
+- ``insightface`` (face2rec2 / InsightFace's released recs): key 0 is a meta record (flag >= 2, empty body, label
+  ``[N+1, N+1+K]``), image keys are ``1..N``, identity records ``N+1..N+K`` hold ``[first_key, end_key)``.
+- ``flat`` (for DALI): every record is an image, normally keys ``0..N-1``; no meta records.
+
+Image labels are either ``scalar`` (flag 0, the class in the header) or a list (flag n >= 1, the class is the first
+float, face2rec2 writes ``[class, aligned]``: the ``pair`` style). Readers never depend on the physical record order.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+
+from packer.errors import UserError
+from packer.recordio import MAGIC, IRHeader, RecordIOError, read_record_at, unpack
+
+__all__ = [
+    "DatasetPaths",
+    "DatasetReader",
+    "ImageRecord",
+    "Property",
+    "decode_image",
+    "image_ext",
+    "image_format",
+    "image_shape",
+    "label_of",
+    "read_index",
+    "read_property",
+    "resolve_dataset",
+]
+
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_IR = struct.Struct("<IfQQ")
+
+
+class ImageRecord(NamedTuple):
+    """One image record: its key, integer class ``label``, the raw ``header`` and the stored image ``body`` bytes."""
+
+    key: int
+    label: int
+    header: IRHeader
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Property:
+    """The ``property`` file: ``num_classes,height,width``."""
+
+    num_classes: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Where a dataset's files are. ``dir`` is the folder holding ``property`` / ``train.lst`` (the .rec's folder)."""
+
+    rec: Path
+    idx: Path
+    dir: Path
+
+    @property
+    def property_file(self) -> Path:
+        return self.dir / "property"
+
+    @property
+    def lst(self) -> Path:
+        return self.rec.with_suffix(".lst")
+
+
+# --------------------------------------------------------------------------------------------------- paths, files
+
+
+def resolve_dataset(path: str | os.PathLike, *, need_idx: bool = True) -> DatasetPaths:
+    """Resolve ``DIR`` (-> ``DIR/train.rec``, ``DIR/train.idx``), ``X.rec`` or ``X.idx`` to the dataset's files.
+
+    Raises UserError when the path, the .rec or (with ``need_idx``) the .idx is missing.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory")
+    if p.is_dir():
+        rec, idx = p / "train.rec", p / "train.idx"
+        if not rec.is_file():
+            others = sorted(x.name for x in p.glob("*.rec"))
+            hint = f" (found {', '.join(others)}: pass that file instead)" if others else ""
+            raise UserError(f"{p}: no train.rec in this folder{hint}")
+    elif p.suffix == ".idx":
+        rec, idx = p.with_suffix(".rec"), p
+        if not rec.is_file():
+            raise UserError(f"{rec}: no such file (the .rec that goes with {p.name})")
+    else:
+        rec, idx = p, p.with_suffix(".idx")
+    if need_idx and not idx.is_file():
+        raise UserError(f"{idx}: index file missing; rebuild it with: gpu-align reindex {rec}")
+    return DatasetPaths(rec=rec, idx=idx, dir=rec.parent)
+
+
+def read_index(idx_path: str | os.PathLike) -> list[tuple[int, int]]:
+    """The ``(key, offset)`` entries of a ``.idx`` file in file order; UserError with the line number if malformed."""
+    entries: list[tuple[int, int]] = []
+    with open(idx_path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                entries.append((int(fields[0]), int(fields[1])))
+            except ValueError:
+                raise UserError(
+                    f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line[:60].decode('latin-1').rstrip()!r}"
+                ) from None
+    return entries
+
+
+def read_property(path: str | os.PathLike) -> Property | None:
+    """The dataset's ``property`` (``num_classes,height,width``), None if the file does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    text = p.read_text(errors="replace").strip()
+    try:
+        n, h, w = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"{p}: expected 'num_classes,height,width', got {text[:60]!r}") from None
+    return Property(n, h, w)
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+_EXT = {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "gif": ".gif", "webp": ".webp"}
+
+
+def image_format(body: bytes) -> str | None:
+    """``"jpeg" | "png" | "bmp" | "gif" | "webp"`` from the body's magic bytes, None if it is none of these."""
+    if body[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if body[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if body[:2] == b"BM":
+        return "bmp"
+    if body[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def image_ext(body: bytes) -> str:
+    """File extension (with dot) for the stored bytes: ``.jpg`` for JPEG, ``.png`` for PNG...; ``.bin`` if unknown."""
+    return _EXT.get(image_format(body) or "", ".bin")
+
+
+def image_shape(body: bytes) -> tuple[int, int]:
+    """``(height, width)`` of an encoded image from its header (no full decode for JPEG/PNG); ValueError if broken."""
+    fmt = image_format(body)
+    if fmt == "jpeg":
+        import simplejpeg
+
+        h, w, _, _ = simplejpeg.decode_jpeg_header(body)
+        return int(h), int(w)
+    if fmt == "png" and len(body) >= 24 and body[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", body[16:24])
+        return int(h), int(w)
+    img = decode_image(body)
+    return img.shape[0], img.shape[1]
+
+
+def decode_image(body: bytes) -> np.ndarray:
+    """Decode stored image bytes strictly: (H, W, 3) uint8 RGB numpy array. ValueError says why it failed.
+
+    JPEG goes through simplejpeg with ``strict=True``, so a truncated or corrupt JPEG fails instead of decoding
+    to grey; other formats through OpenCV.
+    """
+    fmt = image_format(body)
+    if not body:
+        raise ValueError("empty image body")
+    if fmt == "jpeg":
+        import simplejpeg
+
+        try:
+            return simplejpeg.decode_jpeg(body, colorspace="RGB", strict=True)
+        except ValueError as e:
+            raise ValueError(f"corrupt JPEG: {e}") from None
+    if fmt is None:
+        raise ValueError(f"not an image (starts with {body[:8].hex(' ')})")
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"corrupt {fmt.upper()}")
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+# --------------------------------------------------------------------------------------------------- labels
+
+
+def label_of(header: IRHeader) -> int:
+    """The integer class of an image header: the scalar label (flag 0) or the first label of a list (flag >= 1)."""
+    label = header.label if header.flag == 0 else header.label[0]
+    return int(label)
+
+
+def _is_meta_header(header: IRHeader, body: bytes) -> bool:
+    """Key 0 of the insightface layout: flag >= 2, empty body, label ``[N+1, N+1+K]`` with N >= 0, K >= 0."""
+    if header.flag < 2 or body:
+        return False
+    a, b = float(header.label[0]), float(header.label[1])
+    return a >= 1 and b >= a and a.is_integer() and b.is_integer()
+
+
+def _read_head(f: BinaryIO, offset: int, size: int) -> tuple[IRHeader, int]:
+    """Header of the record at ``offset`` and its body length, reading only the first bytes when possible."""
+    f.seek(offset)
+    head = f.read(8 + 32)
+    if len(head) >= 8 + 24 and head[:4] == _MAGIC_BYTES:
+        (lrec,) = struct.unpack_from("<I", head, 4)
+        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+        flag = struct.unpack_from("<I", head, 8)[0]
+        need = 24 + 4 * flag
+        if cflag == 0 and length >= need and offset + 8 + length <= size:
+            if need > len(head) - 8:
+                head += f.read(need - (len(head) - 8))
+            header, _ = unpack(head[8 : 8 + need])
+            return header, length - need
+    header, body = unpack(read_record_at(f, offset))
+    return header, len(body)
+
+
+# --------------------------------------------------------------------------------------------------- reader
+
+
+class DatasetReader:
+    """Random access to a RecordIO face dataset by key (context manager).
+
+    Args:
+        path: dataset folder (``train.rec``/``train.idx``), a ``.rec`` (sibling ``.idx``) or a ``.idx``.
+
+    Attributes:
+        paths: the resolved files. ``property``: the ``property`` file's content or None.
+        layout: ``"insightface"`` (key 0 meta header + identity records) or ``"flat"`` (every record an image).
+        header: key 0's IRHeader in the insightface layout, else None.
+        num_images, num_classes: counts (``num_classes`` of a flat dataset comes from ``property`` when present,
+            else from the largest label, which reads every header).
+        keys: every key of the .idx in file order.
+
+    Raises UserError for a missing file, a malformed/duplicated .idx, offsets past the end of the .rec, or a
+    .rec that is not RecordIO. ``verify`` reports damage in detail; this class stops at the first problem.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.paths = resolve_dataset(path)
+        self.property = read_property(self.paths.property_file)
+        entries = read_index(self.paths.idx)
+        self._offsets: dict[int, int] = {}
+        for key, offset in entries:
+            if key in self._offsets:
+                raise UserError(
+                    f"{self.paths.idx}: key {key} appears more than once; check with 'gpu-align verify' "
+                    f"and rebuild the index with 'gpu-align reindex {self.paths.rec}'"
+                )
+            self._offsets[key] = offset
+        self.keys = [k for k, _ in entries]
+        self._f: BinaryIO = open(self.paths.rec, "rb")  # noqa: SIM115 - closed by close()
+        self.rec_size = os.fstat(self._f.fileno()).st_size
+        past = [(k, o) for k, o in entries if o >= self.rec_size]
+        if past:
+            k, o = past[0]
+            self.close()
+            raise UserError(
+                f"{self.paths.idx}: key {k} points at byte {o}, past the end of {self.paths.rec} "
+                f"({self.rec_size} bytes; {len(past)} such keys): the .rec is truncated or the .idx belongs to "
+                "another file; run 'gpu-align verify' for details"
+            )
+        if self.rec_size and self._f.read(4) != _MAGIC_BYTES:
+            self.close()
+            raise UserError(f"{self.paths.rec} is not a RecordIO file (it does not start with the RecordIO magic)")
+        self.header: IRHeader | None = None
+        self.layout = "flat"
+        if 0 in self._offsets:
+            header, body = unpack(self._read_payload(0))
+            if _is_meta_header(header, body):
+                self.header, self.layout = header, "insightface"
+        self._labels: np.ndarray | None = None
+        self._ranges: list[tuple[int, int]] | None = None
+        self._label_style: str | None = None
+        if self.header is not None:
+            first_identity, end_identity = int(self.header.label[0]), int(self.header.label[1])
+            self._image_keys = list(range(1, first_identity))
+            self._identity_keys = list(range(first_identity, end_identity))
+        else:
+            self._image_keys = sorted(self._offsets)
+            self._identity_keys = []
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        if getattr(self, "_f", None) is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> DatasetReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def _offset(self, key: int) -> int:
+        try:
+            return self._offsets[key]
+        except KeyError:
+            raise UserError(f"{self.paths.idx}: key {key} is not in the index") from None
+
+    def _read_payload(self, key: int) -> bytes:
+        offset = self._offset(key)
+        try:
+            return read_record_at(self._f, offset)
+        except RecordIOError as e:
+            raise UserError(f"{self.paths.rec}: key {key}: {e}") from None
+
+    # ------------------------------------------------------------------ API
+    @property
+    def num_images(self) -> int:
+        return len(self._image_keys)
+
+    @property
+    def num_classes(self) -> int:
+        if self.header is not None:
+            return len(self._identity_keys)
+        if self.property is not None:
+            return self.property.num_classes
+        labels = self.labels()
+        return int(labels.max()) + 1 if labels.size else 0
+
+    def image_keys(self) -> list[int]:
+        """Keys of the image records in key order (insightface: ``1..N`` from key 0; flat: every key, sorted)."""
+        return list(self._image_keys)
+
+    def identity_keys(self) -> list[int]:
+        """Keys of the identity records (insightface layout: ``N+1..N+K``), empty for flat."""
+        return list(self._identity_keys)
+
+    def read_header(self, key: int) -> IRHeader:
+        """The IRHeader of record ``key``, reading only its first bytes."""
+        try:
+            return _read_head(self._f, self._offset(key), self.rec_size)[0]
+        except RecordIOError as e:
+            raise UserError(f"{self.paths.rec}: key {key}: {e}") from None
+
+    def read_raw(self, key: int) -> tuple[IRHeader, bytes]:
+        """``(header, body)`` of any record (meta records included)."""
+        try:
+            return unpack(self._read_payload(key))
+        except RecordIOError as e:
+            raise UserError(f"{self.paths.rec}: key {key}: {e}") from None
+
+    def read(self, key: int) -> ImageRecord:
+        """The image record ``key``: ``ImageRecord(key, label, header, body)`` with the stored bytes as-is."""
+        header, body = self.read_raw(key)
+        return ImageRecord(key, label_of(header), header, body)
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        """Image records in key order."""
+        for key in self._image_keys:
+            yield self.read(key)
+
+    def identity_ranges(self) -> list[tuple[int, int]] | None:
+        """``[start, end)`` image keys of each class (from the identity records), None for the flat layout."""
+        if self.header is None:
+            return None
+        if self._ranges is None:
+            ranges = []
+            for key in self._identity_keys:
+                h = self.read_header(key)
+                if h.flag < 2:
+                    raise UserError(f"{self.paths.rec}: identity record {key} has no [start, end) label")
+                ranges.append((int(h.label[0]), int(h.label[1])))
+            self._ranges = ranges
+        return list(self._ranges)
+
+    def labels(self, progress: bool = False) -> np.ndarray:
+        """Class of every image, ``(num_images,)`` int64 in ``image_keys()`` order; reads every image header.
+
+        Headers are read in file-offset order (sequential I/O). Also fixes ``label_style`` from all images.
+        """
+        if self._labels is None:
+            keys = np.asarray(self._image_keys, dtype=np.int64)
+            offsets = np.asarray([self._offset(int(k)) for k in keys], dtype=np.int64)
+            order = np.argsort(offsets, kind="stable")
+            labels = np.empty(len(keys), dtype=np.int64)
+            flags = np.empty(len(keys), dtype=np.int64)
+            it = order
+            if progress:
+                from tqdm import tqdm
+
+                it = tqdm(order, desc="reading labels", unit="rec", leave=False, mininterval=0.5)
+            for i in it:
+                try:
+                    h, _ = _read_head(self._f, int(offsets[i]), self.rec_size)
+                except RecordIOError as e:
+                    raise UserError(f"{self.paths.rec}: key {int(keys[i])}: {e}") from None
+                labels[i], flags[i] = label_of(h), h.flag
+            self._labels = labels
+            self._label_style = _style_of_flags(flags)
+        return self._labels
+
+    @property
+    def label_style(self) -> str:
+        """``"scalar"`` (flag 0), ``"pair"`` (list labels, face2rec2's ``[class, aligned]``), ``"mixed"``, or
+        ``"none"`` (no images). Sampled from up to 17 images spread over the dataset unless ``labels()`` ran;
+        ``verify`` checks every record.
+        """
+        if self._label_style is None:
+            keys = self._image_keys
+            if not keys:
+                return "none"
+            picks = sorted({keys[round(i * (len(keys) - 1) / 16)] for i in range(17)})
+            self._label_style = _style_of_flags(np.asarray([self.read_header(k).flag for k in picks]))
+        return self._label_style
+
+
+def _style_of_flags(flags: np.ndarray) -> str:
+    if flags.size == 0:
+        return "none"
+    scalar = bool((flags == 0).any())
+    listed = bool((flags > 0).any())
+    return "mixed" if scalar and listed else ("scalar" if scalar else "pair")

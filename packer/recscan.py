@@ -1,0 +1,98 @@
+"""Scan a whole ``.rec`` in file order and survive damage: report each damaged span, then find the next record.
+
+``packer.recordio.scan_records`` stops at the first bad byte; ``verify`` and ``reindex --repair`` need to know
+everything that is wrong and what can be kept. After a damaged record the scan looks for the next offset where a
+whole record starts (magic, first-part continuation flag, parses completely, and is followed by another magic or by
+the end of the file), so a false resync inside image data is practically impossible.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from packer.recordio import MAGIC, RecordIOError, read_record_at
+
+__all__ = ["Damage", "Record", "scan_rec"]
+
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    """A whole record: ``offset`` of its first magic, ``end`` (offset after its padding), ``payload``."""
+
+    offset: int
+    end: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Damage:
+    """Bytes ``[start, end)`` that hold no whole record. ``reason`` is the parse error at ``start``.
+
+    ``truncated``: the span runs to the end of the file and starts with a record magic, i.e. the last record was
+    cut short (a writer that died mid-write), as opposed to garbage or a corrupted magic.
+    """
+
+    start: int
+    end: int
+    reason: str
+    truncated: bool
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def _valid_record_at(f: BinaryIO, pos: int, size: int) -> int | None:
+    """End offset of a whole record starting at ``pos`` that is followed by a magic or the end of file, else None."""
+    try:
+        read_record_at(f, pos)
+    except RecordIOError:
+        return None
+    end = f.tell()
+    if end == size:
+        return end
+    return end if f.read(4) == _MAGIC_BYTES else None
+
+
+def _resync(f: BinaryIO, start: int, size: int) -> int:
+    """The first offset >= ``start`` where a whole record starts (see module doc), or ``size`` if there is none."""
+    pos = start
+    while pos < size:
+        f.seek(pos)
+        chunk = f.read(_CHUNK + 3)  # 3 extra bytes: a magic across the chunk boundary
+        hit = chunk.find(_MAGIC_BYTES)
+        while hit >= 0:
+            cand = pos + hit
+            if _valid_record_at(f, cand, size) is not None:
+                return cand
+            hit = chunk.find(_MAGIC_BYTES, hit + 1)
+        pos += _CHUNK
+    return size
+
+
+def scan_rec(f: BinaryIO, size: int, start: int = 0) -> Iterator[Record | Damage]:
+    """Every whole record and every damaged span of the open ``.rec`` ``f`` (``size`` bytes), in file order.
+
+    Records come as :class:`Record`; bytes that are not part of a whole record come as :class:`Damage`, after
+    which the scan resumes at the next whole record (or ends with a Damage that runs to ``size``).
+    """
+    offset = start
+    while offset < size:
+        try:
+            payload = read_record_at(f, offset)
+        except RecordIOError as e:
+            f.seek(offset)
+            starts_with_magic = f.read(4) == _MAGIC_BYTES
+            nxt = _resync(f, offset + 1, size)
+            yield Damage(offset, nxt, str(e), truncated=nxt == size and starts_with_magic)
+            offset = nxt
+            continue
+        end = f.tell()
+        yield Record(offset, end, payload)
+        offset = end

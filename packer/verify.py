@@ -1,0 +1,548 @@
+"""Full integrity check of a RecordIO face dataset: structure, index, layout, labels, property and images.
+
+One sequential pass over the ``.rec`` (damage-tolerant, see ``packer.recscan``) collects every record's header;
+image bodies are decoded on a thread pool meanwhile. The checks then run vectorised over the collected arrays.
+The report keeps the first ``max_problems`` problems in detail (key, byte offset) and counts all of them by kind.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from packer.errors import UserError
+from packer.reader import Property, decode_image, image_shape, read_property, resolve_dataset
+from packer.recordio import MAGIC, RecordIOError, unpack
+from packer.recscan import Damage, scan_rec
+
+__all__ = ["PROBLEM_KINDS", "Problem", "VerifyReport", "verify_dataset"]
+
+# kind -> what it means (printed with the counts)
+PROBLEM_KINDS = {
+    "truncated": "the .rec ends inside a record",
+    "damaged": "bytes in the .rec that hold no whole record",
+    "bad-record": "a record too short for its header",
+    "index-line": "malformed .idx line",
+    "duplicate-key": "a key listed more than once in the .idx",
+    "duplicate-offset": "several keys pointing at one record",
+    "offset-past-end": ".idx offset at or past the end of the .rec",
+    "offset-damaged": ".idx offset inside damaged bytes",
+    "offset-not-record": ".idx offset that is not the start of a record",
+    "unindexed": "record missing from the .idx",
+    "missing-key": "key the layout needs but the .idx lacks",
+    "extra-key": "key outside the layout's key ranges",
+    "header": "key 0 header record wrong",
+    "identity-record": "identity record without a [start, end) label",
+    "identity-range": "identity ranges not contiguous / not covering 1..N",
+    "label": "image label not a non-negative integer, or >= num_classes",
+    "label-mismatch": "image label differs from its identity range's class",
+    "label-style": "scalar and list labels mixed in one dataset",
+    "property": "property file missing fields or disagreeing with the data",
+    "empty-image": "image record without image bytes",
+    "decode": "image bytes that do not decode",
+    "image-size": "image size differs from the property / the other images",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # a key of PROBLEM_KINDS
+    message: str
+    key: int | None = None
+    offset: int | None = None
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify_dataset`. ``ok`` is True when there are no problems (warnings do not count)."""
+
+    rec: Path
+    idx: Path
+    rec_bytes: int = 0
+    layout: str = "unknown"  # "insightface" | "flat" | "unknown" (key 0 unreadable)
+    label_style: str = "none"  # "scalar" | "pair" | "mixed" | "none"
+    num_records: int = 0
+    num_images: int = 0
+    num_classes: int = 0
+    decoded: bool = True
+    image_sizes: dict[str, int] = field(default_factory=dict)  # "HxW" -> count
+    problems: list[Problem] = field(default_factory=list)  # the first max_problems
+    counts: Counter = field(default_factory=Counter)  # kind -> number of problems
+    warnings: list[str] = field(default_factory=list)
+    max_problems: int = 20
+
+    @property
+    def ok(self) -> bool:
+        return not self.counts
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, kind: str, message: str, key: int | None = None, offset: int | None = None) -> None:
+        self.counts[kind] += 1
+        if len(self.problems) < self.max_problems:
+            self.problems.append(Problem(kind, message, key, offset))
+
+    def as_dict(self) -> dict:
+        return {
+            "rec": str(self.rec),
+            "idx": str(self.idx),
+            "ok": self.ok,
+            "rec_bytes": self.rec_bytes,
+            "layout": self.layout,
+            "label_style": self.label_style,
+            "num_records": self.num_records,
+            "num_images": self.num_images,
+            "num_classes": self.num_classes,
+            "decoded": self.decoded,
+            "image_sizes": self.image_sizes,
+            "problem_count": self.total,
+            "counts": dict(self.counts),
+            "problems": [p.__dict__ for p in self.problems],
+            "warnings": self.warnings,
+        }
+
+
+def _parse_index(path: Path, rep: VerifyReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """keys, offsets, line numbers of the well-formed .idx lines (int64 arrays); bad lines become problems."""
+    keys, offsets, lines = array("q"), array("q"), array("q")
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                k, o = int(fields[0]), int(fields[1])
+            except ValueError:
+                text = line[:60].decode("latin-1").rstrip()
+                rep.add("index-line", f"{path.name}:{lineno}: expected 'key<TAB>offset', got {text!r}")
+                continue
+            keys.append(k)
+            offsets.append(o)
+            lines.append(lineno)
+    return (np.frombuffer(keys, np.int64), np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.int64))
+
+
+def _check_images(batch: list[tuple[int, bytes]], decode: bool) -> list[tuple[int, tuple[int, int] | str]]:
+    """``(offset, (h, w) | failure reason)`` per image body; runs on a worker thread."""
+    out: list[tuple[int, tuple[int, int] | str]] = []
+    for offset, body in batch:
+        try:
+            shape = decode_image(body).shape[:2] if decode else image_shape(body)
+            out.append((offset, (int(shape[0]), int(shape[1]))))
+        except (ValueError, OSError) as e:
+            out.append((offset, str(e) or type(e).__name__))
+    return out
+
+
+class _ImageChecker:
+    """Feeds image bodies to a thread pool in batches; bounded in flight so memory stays small."""
+
+    def __init__(self, decode: bool, workers: int):
+        self.decode = decode
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.max_inflight = 2 * max(1, workers)
+        self.batch: list[tuple[int, bytes]] = []
+        self.inflight: list[Future] = []
+        self.results: list[tuple[int, tuple[int, int] | str]] = []
+
+    def add(self, offset: int, body: bytes) -> None:
+        self.batch.append((offset, body))
+        if len(self.batch) >= 128:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.batch:
+            self.inflight.append(self.pool.submit(_check_images, self.batch, self.decode))
+            self.batch = []
+        while len(self.inflight) > self.max_inflight:
+            self.results += self.inflight.pop(0).result()
+
+    def finish(self) -> list[tuple[int, tuple[int, int] | str]]:
+        self._submit()
+        for fut in self.inflight:
+            self.results += fut.result()
+        self.pool.shutdown()
+        return self.results
+
+
+def verify_dataset(
+    path: str | os.PathLike,
+    *,
+    decode: bool = True,
+    max_problems: int = 20,
+    workers: int | None = None,
+    progress: bool = False,
+) -> VerifyReport:
+    """Check a dataset (folder, ``.rec`` or ``.idx``) completely; see :data:`PROBLEM_KINDS` for what is checked.
+
+    Args:
+        decode: decode every image (strict JPEG decode); False only reads image headers (size, format).
+        max_problems: how many problems the report keeps in detail (all are counted).
+        workers: decode threads (default: up to 4).
+        progress: show a tqdm bar (stderr) over the bytes of the .rec.
+
+    Raises UserError when the files are missing or the .rec is not RecordIO at all.
+    """
+    paths = resolve_dataset(path)
+    rep = VerifyReport(rec=paths.rec, idx=paths.idx, decoded=decode, max_problems=max_problems)
+    prop: Property | None = None
+    try:
+        prop = read_property(paths.property_file)
+    except UserError as e:
+        rep.add("property", str(e))
+    if prop is None and paths.property_file.name == "property" and not paths.property_file.exists():
+        rep.warnings.append(f"no property file in {paths.dir} (old InsightFace training code reads it)")
+
+    idx_keys, idx_offsets, idx_lines = _parse_index(paths.idx, rep)
+    # sorted view for offset -> key lookups while scanning
+    order = np.argsort(idx_offsets, kind="stable")
+    sorted_offsets, sorted_keys = idx_offsets[order], idx_keys[order]
+
+    rec_off, rec_end, rec_key = array("q"), array("q"), array("q")
+    rec_flag, rec_l0, rec_l1, rec_id, rec_body = array("q"), array("d"), array("d"), array("q"), array("q")
+    damages: list[Damage] = []
+    checker = _ImageChecker(decode, workers or min(4, os.cpu_count() or 1))
+
+    with open(paths.rec, "rb") as f:
+        size = rep.rec_bytes = os.fstat(f.fileno()).st_size
+        if size and f.read(4) != MAGIC.to_bytes(4, "little"):
+            f.seek(0)
+            head = f.read(8)
+            raise UserError(
+                f"{paths.rec} is not a RecordIO file (starts with {head.hex(' ')}, expected the magic 0a 23 d7 ce)"
+            )
+        bar = _progress(size, progress)
+        try:
+            for item in scan_rec(f, size):
+                if isinstance(item, Damage):
+                    damages.append(item)
+                    bar(item.end - item.start)
+                    continue
+                bar(item.end - item.offset)
+                i = int(np.searchsorted(sorted_offsets, item.offset))
+                key = int(sorted_keys[i]) if i < len(sorted_offsets) and sorted_offsets[i] == item.offset else -1
+                try:
+                    header, body = unpack(item.payload)
+                except RecordIOError as e:
+                    rep.add("bad-record", f"record at byte {item.offset} (key {key}): {e}", key, item.offset)
+                    continue
+                rec_off.append(item.offset)
+                rec_end.append(item.end)
+                rec_key.append(key)
+                rec_flag.append(header.flag)
+                if header.flag == 0:
+                    rec_l0.append(header.label)
+                    rec_l1.append(np.nan)
+                else:
+                    rec_l0.append(float(header.label[0]))
+                    rec_l1.append(float(header.label[1]) if header.flag > 1 else np.nan)
+                rec_id.append(header.id)
+                rec_body.append(len(body))
+                if body:
+                    checker.add(item.offset, body)
+        finally:
+            bar(None)
+        results = checker.finish()
+
+    recs = {
+        "off": np.frombuffer(rec_off, np.int64),
+        "end": np.frombuffer(rec_end, np.int64),
+        "key": np.frombuffer(rec_key, np.int64),
+        "flag": np.frombuffer(rec_flag, np.int64),
+        "l0": np.frombuffer(rec_l0, np.float64),
+        "l1": np.frombuffer(rec_l1, np.float64),
+        "id": np.frombuffer(rec_id, np.int64),
+        "body": np.frombuffer(rec_body, np.int64),
+    }
+    rep.num_records = len(recs["off"])
+    if size and not rep.num_records and damages:
+        raise UserError(f"{paths.rec} holds no readable RecordIO record: {damages[0].reason}")
+
+    _check_damage(rep, paths.rec.name, damages, recs)
+    _check_index(rep, paths, idx_keys, idx_offsets, idx_lines, recs, damages, size)
+    image_mask = _check_layout(rep, idx_keys, recs, prop)
+    _check_labels(rep, recs, image_mask, prop)
+    _check_images_results(rep, recs, image_mask, results, prop)
+    return rep
+
+
+def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
+    if not enabled:
+        return lambda n: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", mininterval=0.5)
+
+    def update(n: int | None) -> None:
+        if n is None:
+            bar.close()
+        else:
+            bar.update(n)
+
+    return update
+
+
+def _check_damage(rep: VerifyReport, rec_name: str, damages: list[Damage], recs: dict) -> None:
+    for d in damages:
+        if d.truncated:
+            rep.add(
+                "truncated",
+                f"{rec_name} is truncated: the record at byte {d.start} is cut short ({_strip_where(d.reason)}); "
+                f"the last {d.size} bytes are a partial record (a writer that died mid-write?). "
+                f"Repair: gpu-align reindex {rec_name} --repair (or rerun the pack with --resume)",
+                offset=d.start,
+            )
+        else:
+            after = int(np.searchsorted(recs["off"], d.end))
+            rep.add(
+                "damaged",
+                f"{rec_name}: bytes {d.start}..{d.end} ({d.size} bytes) hold no whole record "
+                f"({_strip_where(d.reason)}); "
+                f"{len(recs['off']) - after} whole records follow it. Repair: gpu-align reindex {rec_name} --repair",
+                offset=d.start,
+            )
+
+
+def _check_index(rep, paths, idx_keys, idx_offsets, idx_lines, recs, damages, size) -> None:
+    name = paths.idx.name
+    uniq, counts = np.unique(idx_keys, return_counts=True)
+    for k in uniq[counts > 1]:
+        lines = idx_lines[idx_keys == k]
+        rep.add("duplicate-key", f"{name}: key {k} is listed {len(lines)} times (lines {_short(lines)})", int(k))
+    ou, oc = np.unique(idx_offsets, return_counts=True)
+    for o in ou[oc > 1]:
+        ks = idx_keys[idx_offsets == o]
+        rep.add("duplicate-offset", f"{name}: keys {_short(ks)} all point at byte {o}", int(ks[0]), int(o))
+
+    off = recs["off"]
+    found = np.isin(idx_offsets, off)
+    for i in np.flatnonzero(~found):
+        k, o, line = int(idx_keys[i]), int(idx_offsets[i]), int(idx_lines[i])
+        where = f"{name}:{line}: key {k} points at byte {o}"
+        dmg = next((d for d in damages if d.start <= o < d.end), None)
+        if o >= size:
+            rep.add("offset-past-end", f"{where}, past the end of {paths.rec.name} ({size} bytes)", k, o)
+        elif dmg is not None:
+            rep.add("offset-damaged", f"{where}, inside damaged bytes {dmg.start}..{dmg.end}", k, o)
+        elif o < 0:
+            rep.add("offset-not-record", f"{where}, a negative offset", k, o)
+        else:
+            j = int(np.searchsorted(off, o, side="right")) - 1
+            inside = f"inside the record at byte {int(off[j])}" if j >= 0 else "before the first record"
+            rep.add("offset-not-record", f"{where}, which is not the start of a record ({inside})", k, o)
+
+    for j in np.flatnonzero(recs["key"] < 0):
+        o = int(off[j])
+        label = recs["l0"][j]
+        rep.add(
+            "unindexed",
+            f"record at byte {o} (header id {int(recs['id'][j])}, label {label:g}) is not in {name}; "
+            f"rebuild the index with: gpu-align reindex {paths.rec.name}",
+            offset=o,
+        )
+
+
+def _check_layout(rep: VerifyReport, idx_keys: np.ndarray, recs: dict, prop: Property | None) -> np.ndarray:
+    """Layout checks (key 0, identity ranges, key coverage); returns the mask of records that are images."""
+    keys, flag, body = recs["key"], recs["flag"], recs["body"]
+    indexed = keys >= 0
+    zero = np.flatnonzero(keys == 0)
+    key_set = np.unique(idx_keys)
+    is_meta0 = False
+    if len(zero):
+        z = zero[0]
+        a, b = recs["l0"][z], recs["l1"][z]
+        is_meta0 = flag[z] >= 2 and body[z] == 0
+        if is_meta0 and not (a >= 1 and b >= a and float(a).is_integer() and float(b).is_integer()):
+            rep.add("header", f"key 0 label [{a:g}, {b:g}] is not [N+1, N+1+K] with N, K >= 0", 0, int(recs["off"][z]))
+            rep.layout = "unknown"
+            return indexed & (body > 0)
+    elif 0 in key_set:
+        rep.layout = "unknown"  # key 0 listed but its record is unreadable: already reported by the index checks
+        rep.add("header", "key 0 (the dataset header in the insightface layout) cannot be read", 0)
+        return indexed & (body > 0)
+
+    if not is_meta0:
+        rep.layout = "flat"
+        images = indexed
+        rep.num_images = int(images.sum())
+        if len(zero) == 0 and rep.num_images and flag[images].min() >= 2 and (body[images] == 0).any():
+            rep.warnings.append("no key 0 header but empty-body records exist (a classic layout that lost key 0?)")
+        ks = np.sort(keys[images])
+        if len(ks) and not (ks[0] == 0 and ks[-1] == len(ks) - 1):
+            rep.warnings.append(f"flat layout keys run {int(ks[0])}..{int(ks[-1])}, not 0..{len(ks) - 1}")
+        return images
+
+    rep.layout = "insightface"
+    z = zero[0]
+    n_end, k_end = int(recs["l0"][z]), int(recs["l1"][z])  # N+1, N+1+K
+    rep.num_images, rep.num_classes = n_end - 1, k_end - n_end
+    # key coverage: 0..N+K must all be indexed, nothing else
+    expected = np.arange(0, k_end, dtype=np.int64)
+    missing = np.setdiff1d(expected, key_set)
+    if len(missing):
+        rep.add(
+            "missing-key",
+            f"{len(missing)} keys of 0..{k_end - 1} (key 0 says {n_end - 1} images, {k_end - n_end} identities) "
+            f"are not in the .idx: {_short(missing)}",
+            int(missing[0]),
+        )
+    extra = key_set[(key_set < 0) | (key_set >= k_end)]
+    if len(extra):
+        rep.add("extra-key", f"{len(extra)} .idx keys outside 0..{k_end - 1}: {_short(extra)}", int(extra[0]))
+
+    # identity records, in class order
+    ident = np.flatnonzero((keys >= n_end) & (keys < k_end))
+    ident = ident[np.argsort(keys[ident], kind="stable")]
+    bad = ident[(flag[ident] < 2) | np.isnan(recs["l1"][ident])]
+    for j in bad:
+        rep.add(
+            "identity-record",
+            f"identity key {int(keys[j])} (class {int(keys[j]) - n_end}) has flag {int(flag[j])}, "
+            "not a [start, end) label",
+            int(keys[j]),
+            int(recs["off"][j]),
+        )
+    ranges_ok = False
+    if not len(bad) and len(ident) == k_end - n_end and len(np.unique(keys[ident])) == len(ident):
+        starts, ends = recs["l0"][ident], recs["l1"][ident]
+        prev_end = np.concatenate([[1.0], ends[:-1]])
+        breaks = np.flatnonzero((starts != prev_end) | (ends <= starts) | (starts != np.floor(starts)))
+        for c in breaks:
+            s, e, pe = starts[c], ends[c], prev_end[c]
+            why = "is empty or inverted" if e <= s else f"starts at {s:g}, expected {pe:g} (where class {c - 1} ends)"
+            if c == 0 and s != 1:
+                why = f"starts at {s:g}, expected 1 (the first image key)"
+            rep.add(
+                "identity-range",
+                f"identity key {int(keys[ident[c]])} (class {c}): range [{s:g}, {e:g}) {why}",
+                int(keys[ident[c]]),
+                int(recs["off"][ident[c]]),
+            )
+        if len(ends) and ends[-1] != n_end:
+            rep.add(
+                "identity-range",
+                f"the last identity range ends at {ends[-1]:g}, but key 0 says images are keys 1..{n_end - 1}",
+                int(keys[ident[-1]]),
+                int(recs["off"][ident[-1]]),
+            )
+        ranges_ok = not len(breaks) and (not len(ends) or ends[-1] == n_end)
+    if prop is not None and prop.num_classes != rep.num_classes:
+        rep.add("property", f"property says {prop.num_classes} classes, key 0 says {rep.num_classes} identities")
+
+    images = (keys >= 1) & (keys < n_end)
+    if ranges_ok and len(ident):
+        starts = recs["l0"][ident]
+        img = np.flatnonzero(images)
+        expected_cls = np.searchsorted(starts, keys[img], side="right") - 1
+        wrong = img[recs["l0"][img] != expected_cls]
+        for j, cls in zip(wrong, expected_cls[recs["l0"][img] != expected_cls], strict=True):
+            rep.add(
+                "label-mismatch",
+                f"image key {int(keys[j])} has label {recs['l0'][j]:g}, but its key lies in the range of class "
+                f"{int(cls)} [{starts[cls]:g}, {recs['l1'][ident][cls]:g})",
+                int(keys[j]),
+                int(recs["off"][j]),
+            )
+    elif len(ident):
+        rep.warnings.append("image labels were not checked against the identity ranges (unreadable or broken)")
+    return images
+
+
+def _check_labels(rep: VerifyReport, recs: dict, images: np.ndarray, prop: Property | None) -> None:
+    keys, flag, l0, body = recs["key"], recs["flag"], recs["l0"], recs["body"]
+    idx = np.flatnonzero(images)
+    if not len(idx):
+        return
+    scalar, listed = idx[flag[idx] == 0], idx[flag[idx] > 0]
+    rep.label_style = "mixed" if len(scalar) and len(listed) else ("scalar" if len(scalar) else "pair")
+    if rep.label_style == "mixed":
+        rep.add(
+            "label-style",
+            f"{len(scalar)} images have scalar labels (first key {int(keys[scalar[0]])}) and {len(listed)} list "
+            f"labels (first key {int(keys[listed[0]])}); most training readers accept only one style",
+            int(keys[listed[0]]),
+        )
+    if rep.layout == "flat" and len(listed):
+        rep.warnings.append("flat layout with list labels: DALI's mxnet reader will return one vector per sample")
+    lab = l0[idx]
+    bad = idx[(lab < 0) | (lab != np.floor(lab)) | ~np.isfinite(lab)]
+    for j in bad:
+        rep.add("label", f"image key {int(keys[j])}: label {l0[j]:g} is not a non-negative integer", int(keys[j]))
+    good = np.setdiff1d(idx, bad)
+    if rep.layout == "flat":
+        rep.num_classes = int(l0[good].max()) + 1 if len(good) else 0
+        if prop is not None and prop.num_classes != rep.num_classes:
+            rep.add(
+                "property",
+                f"property says {prop.num_classes} classes, the largest image label is {rep.num_classes - 1}",
+            )
+        used = np.unique(l0[good]).astype(np.int64)
+        if len(used) != rep.num_classes:
+            rep.warnings.append(f"{rep.num_classes - len(used)} labels in 0..{rep.num_classes - 1} have no image")
+    elif rep.num_classes:
+        over = good[l0[good] >= rep.num_classes]
+        for j in over:
+            msg = f"image key {int(keys[j])}: label {l0[j]:g} >= num_classes {rep.num_classes}"
+            rep.add("label", msg, int(keys[j]))
+    for j in idx[body[idx] == 0]:
+        rep.add("empty-image", f"image key {int(keys[j])} has no image bytes", int(keys[j]), int(recs["off"][j]))
+
+
+def _check_images_results(rep: VerifyReport, recs: dict, images: np.ndarray, results, prop) -> None:
+    off = recs["off"]
+    image_offsets = set(off[images].tolist())
+    sizes: Counter = Counter()
+    shaped: list[tuple[int, tuple[int, int]]] = []
+    what = "decode" if rep.decoded else "read the header of"
+    for o, res in results:
+        if o not in image_offsets:
+            continue  # a body on a meta record: not an image, not our business
+        j = int(np.searchsorted(off, o))
+        key = int(recs["key"][j])
+        if isinstance(res, str):
+            rep.add("decode", f"image key {key} at byte {o}: cannot {what} it: {res}", key, o)
+        else:
+            sizes[res] += 1
+            shaped.append((o, res))
+    rep.image_sizes = {f"{h}x{w}": n for (h, w), n in sizes.most_common()}
+    if not sizes:
+        return
+    if prop is not None:
+        want, source = (prop.height, prop.width), "the property file"
+    else:
+        want, source = sizes.most_common(1)[0][0], "most images"
+    if set(sizes) == {want}:
+        return
+    for o, shape in shaped:
+        if shape != want:
+            j = int(np.searchsorted(off, o))
+            key = int(recs["key"][j])
+            rep.add(
+                "image-size",
+                f"image key {key} is {shape[0]}x{shape[1]}, {source} says {want[0]}x{want[1]}",
+                key,
+                o,
+            )
+
+
+def _strip_where(reason: str) -> str:
+    """'record at byte 12: truncated, ...' -> 'truncated, ...' (the caller already says where)."""
+    head, sep, rest = reason.partition(": ")
+    return rest if sep and head.startswith("record at byte") else reason
+
+
+def _short(values, limit: int = 8) -> str:
+    vals = [str(int(v)) for v in values[:limit]]
+    return ", ".join(vals) + (f", ... ({len(values)} in all)" if len(values) > limit else "")
