@@ -94,6 +94,7 @@ class ImageInfo:
     width: int  # stored size, before EXIF orientation
     height: int
     orientation: int = 1  # EXIF orientation 1..8 (JPEG only; other formats are oriented by Pillow/DALI)
+    components: int = 3  # JPEG colour components: 1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK (JPEG only)
 
     @property
     def pixels(self) -> int:
@@ -161,7 +162,7 @@ def _probe_jpeg(data: bytes) -> ImageInfo:
     """Walk the JPEG segments up to the first scan: size, EXIF orientation, and the truncation check."""
     n = len(data)
     pos = 2
-    width = height = 0
+    width = height = components = 0
     orientation = 0  # 0: no EXIF block seen yet (the first one counts)
     while True:
         if pos >= n:
@@ -189,6 +190,7 @@ def _probe_jpeg(data: bytes) -> ImageInfo:
         if marker in _SOF_MARKERS and seglen >= 8:
             height = (data[pos + 3] << 8) | data[pos + 4]
             width = (data[pos + 5] << 8) | data[pos + 6]
+            components = data[pos + 7]
         elif marker == 0xE1 and orientation == 0 and data[pos + 2 : pos + 8] == b"Exif\x00\x00":
             orientation = _exif_orientation(memoryview(data)[pos + 8 : end])
         elif marker == 0xDA:
@@ -200,7 +202,7 @@ def _probe_jpeg(data: bytes) -> ImageInfo:
     # scan means the file is complete; trailing bytes after it are allowed, as libjpeg allows them.
     if data.rfind(b"\xff\xd9", end) < 0:
         raise DecodeError(TRUNCATED, f"JPEG has no end-of-image marker after its image data ({n} bytes)")
-    return ImageInfo("JPEG", width, height, orientation or 1)
+    return ImageInfo("JPEG", width, height, orientation or 1, components)
 
 
 def _probe_png(data: bytes) -> ImageInfo:

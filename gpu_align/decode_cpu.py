@@ -53,6 +53,15 @@ def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
         raise DecodeError(CORRUPT, f"{fmt}: {e}") from None
 
 
+def _cmyk_to_rgb(cmyk: np.ndarray) -> np.ndarray:
+    """(H, W, 4) CMYK as stored (Adobe-inverted, as libjpeg returns it) -> (H, W, 3) RGB = C·K/255, truncated.
+
+    The formula DALI's nvImageCodec uses (bit-exact); TurboJPEG's own CMYK->RGB path differs by 1-2 levels.
+    """
+    rgb = cmyk[..., :3].astype(np.uint16) * cmyk[..., 3:].astype(np.uint16)
+    return (rgb // 255).astype(np.uint8)
+
+
 def decode_bytes(data: bytes, info: ImageInfo | None = None) -> np.ndarray:
     """Decode one image file's bytes on the CPU: ``(H, W, 3) uint8`` RGB numpy array, EXIF orientation applied.
 
@@ -68,7 +77,10 @@ def decode_bytes(data: bytes, info: ImageInfo | None = None) -> np.ndarray:
     try:
         # strict=False: libjpeg warnings (recoverable corrupt data) decode as DALI decodes them; truncated files
         # never get here (probe_image rejects them), so this never emits a half-grey image.
-        image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
+        if info.components == 4:
+            image = _cmyk_to_rgb(simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=False))
+        else:
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
     except ValueError as e:
         # e.g. 12-bit or lossless JPEG, which TurboJPEG's API refuses: Pillow applies EXIF orientation itself
         try:
