@@ -1,15 +1,158 @@
-"""Placeholder for `gpu-align run` (being written); registers the command so the CLI parses."""
+"""``gpu-align run SRC --out DIR``: photos → aligned 112×112 faces → train.rec/.idx/.lst/property + report.json."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 from packer.errors import UserError
 
+DESCRIPTION = """\
+Detect the face in every photo of SRC, align it to the ArcFace 112×112 template and pack the crops into an
+InsightFace RecordIO dataset in DIR: train.rec, train.idx, train.lst, property and report.json.
 
-def _run(args: argparse.Namespace) -> int:
-    raise UserError("'run' is not available yet")
+SRC is a folder root/<identity>/<image> (VGGFace2, CASIA-WebFace style: identities in sorted folder order,
+.jpg/.jpeg/.png) or a face2rec2 .lst (labels grouped; a line with landmarks is warped with them, no detection).
+On a GPU, DALI decodes and MTCNN + the warp run on the device; on the CPU the same code runs with device=cpu.
+One bad file never stops a run: it is recorded in report.json with its reason and the run goes on.
+Outputs are resumable: after Ctrl-C, kill -9 or a full disk, rerun the same command with --resume."""
+
+EPILOG = """\
+examples:
+  gpu-align run vggface2/train --out vgg2-rec                  # GPU if there is one, else CPU
+  gpu-align run vggface2/train --out vgg2-rec --resume         # continue an interrupted run
+  gpu-align run photos/ --out shard0 --shard 0/4               # 1 of 4 machines; then: gpu-align merge shard*
+  gpu-align run photos/ --out flat --layout flat --shuffle 1   # for DALI's fn.readers.mxnet
+  gpu-align run photos/ --out try --limit 500 --save-crops try/crops   # a quick look at the crops
+  gpu-align run vgg2-rec/train.lst --out again                 # rebuild from the landmarks, no detection
+
+train.lst lines are face2rec2's: 0<TAB>photo<TAB>label<TAB>x1 y1 x2 y2<TAB>x1..x5 y1..y5 (landmarks, all x first)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("run", help="(not available yet)").set_defaults(func=_run)
+    p = sub.add_parser(
+        "run",
+        help="align a folder of face photos (or a .lst) into train.rec/.idx/.lst/property",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="root/<identity>/<image> folder, or a face2rec2 .lst")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty, or --resume)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu (default: auto)")
+    g.add_argument(
+        "--decoder",
+        default="auto",
+        choices=("auto", "dali", "cpu"),
+        help="auto: DALI on the GPU when installed, else CPU threads (simplejpeg/Pillow); dali on a CPU device runs "
+        "DALI's CPU decoder (default: auto)",
+    )
+    g.add_argument("--batch-size", type=int, help="photos per batch (default: 256 on CUDA, 32 on CPU)")
+    g.add_argument("--threads", type=int, help="CPU decoding threads (default: all cores)")
+    g.add_argument("--fp16", action="store_true", help="run the detector in float16 (CUDA only)")
+    g = p.add_argument_group("dataset")
+    g.add_argument(
+        "--layout",
+        default="insightface",
+        choices=("insightface", "flat"),
+        help="insightface: keys 1..N + header record 0 + identity records (arcface_torch, InsightFace); flat: keys "
+        "0..N-1, no meta records (DALI's mxnet reader) (default: insightface)",
+    )
+    g.add_argument(
+        "--label-style",
+        default="scalar",
+        choices=("scalar", "pair"),
+        help="scalar: label in the header, like InsightFace's released recs (every reader accepts it); pair: "
+        "[class, 1] like face2rec2 (default: scalar)",
+    )
+    g.add_argument("--shuffle", type=int, metavar="SEED", help="flat layout: shuffle the records with this seed")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=112,
+        help="crop size: 112·k (ArcFace template scaled) or 128·k (wider margin) (default: 112)",
+    )
+    g.add_argument("--quality", type=int, default=95, help="JPEG quality of the stored crops (default: 95)")
+    g.add_argument(
+        "--min-images",
+        type=int,
+        default=1,
+        help="drop identities with fewer aligned faces than this (after misses) (default: 1)",
+    )
+    g = p.add_argument_group("faces")
+    g.add_argument(
+        "--on-miss",
+        default="skip",
+        choices=("skip", "center"),
+        help="photo without a face: skip it (recorded in report.json) or store InsightFace's old centre crop "
+        "(also recorded) (default: skip)",
+    )
+    g.add_argument(
+        "--select",
+        default="center-largest",
+        choices=("center-largest", "largest", "best-score", "center"),
+        help="which face to keep when a photo has several (default: center-largest, as InsightFace's scripts)",
+    )
+    g.add_argument(
+        "--min-face-rel",
+        type=float,
+        default=0.1,
+        help="smallest face searched for, as a fraction of the photo's shorter side; 0 finds faces down to 20 px "
+        "but is slower on big photos (default: 0.1)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--save-crops", metavar="DIR", help="also write each aligned crop to DIR/<identity>/<name>.jpg")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same options)")
+    g.add_argument("--overwrite", action="store_true", help="replace gpu-align's files in a non-empty --out")
+    g.add_argument("--shard", metavar="I/N", help="process shard I of N (identities split in N contiguous blocks)")
+    g.add_argument("--limit", type=int, metavar="N", help="only the first N photos (a quick trial)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar; print only the summary")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gpu_align.pipeline import RunOptions, run
+    from gpu_align.scan import parse_shard
+    from gpu_align.summary import print_summary
+
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    opts = RunOptions(
+        src=args.src,
+        out=args.out,
+        device=args.device,
+        decoder=args.decoder,
+        batch_size=args.batch_size,
+        layout=args.layout,
+        label_style=args.label_style,
+        image_size=args.image_size,
+        quality=args.quality,
+        min_images=args.min_images,
+        on_miss=args.on_miss,
+        select=args.select,
+        min_face_rel=args.min_face_rel,
+        save_crops=args.save_crops,
+        shuffle=args.shuffle,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        shard=parse_shard(args.shard),
+        limit=args.limit,
+        threads=args.threads,
+        fp16=args.fp16,
+        quiet=args.quiet,
+    )
+    try:
+        result = run(opts)
+    except KeyboardInterrupt:
+        again = [a for a in sys.argv[1:] if a != "--overwrite"]
+        again += [] if "--resume" in again else ["--resume"]
+        print(
+            "\ngpu-align: stopped; everything aligned so far is kept. To continue, run:\n  "
+            + shlex.join(["gpu-align", *again]),
+            file=sys.stderr,
+        )
+        raise
+    print_summary(result, file=sys.stdout)
+    return 0

@@ -1,0 +1,483 @@
+"""``gpu-align run``: scan → decode → detect → warp → (packer process) encode + write, resumable.
+
+The main process owns the device: it decodes a batch (DALI on the GPU, or CPU threads), detects faces with the
+batched MTCNN, warps the selected face of every photo in one batched call and copies the ``(F, S, S, 3)`` uint8
+crops to the host. A separate packer process (:mod:`packer.process`) encodes JPEGs and writes the dataset; the
+bounded queue between the two is the back-pressure. Data flows one way; nothing here reaches back upstream.
+
+Determinism and resume: decode batches are cut at multiples of ``batch_size`` of the input list. A resumed run
+restarts at the batch that holds the first unwritten input and drops the inputs already written, so every photo is
+detected in exactly the batch it had in an uninterrupted run: same detections, same crops, same bytes.
+Landmarks are rounded to 1/100 px (what ``train.lst`` holds) before the similarity fit, so ``gpu-align pack`` of the
+written ``train.lst`` rebuilds the same crops without detecting again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import platform
+import queue
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu_align import __version__
+from gpu_align.aligner import FaceAligner
+from gpu_align.decode import DecodedBatch, make_decoder
+from gpu_align.mtcnn import Detections
+from gpu_align.scan import InputItem, Source, scan_source
+from gpu_align.warp import arcface_template, invert_affine, transform_points
+from packer.errors import UserError
+from packer.lst import LstEntry
+from packer.process import CropBatch, ItemMeta, packer_main
+
+__all__ = ["RunOptions", "RunResult", "run"]
+
+LANDMARK_DECIMALS = 2  # train.lst precision; the fit uses the rounded landmarks so the .lst reproduces the crops
+
+
+@dataclass
+class RunOptions:
+    """Settings of one run (the ``gpu-align run`` options; see ``gpu-align run --help``)."""
+
+    src: str
+    out: str
+    device: str = "auto"
+    decoder: str = "auto"
+    batch_size: int | None = None  # default: 256 on CUDA, 32 on CPU
+    layout: str = "insightface"
+    label_style: str = "scalar"
+    image_size: int = 112
+    quality: int = 95
+    min_images: int = 1
+    on_miss: str = "skip"
+    select: str = "center-largest"
+    min_face_rel: float = 0.1
+    save_crops: str | None = None
+    shuffle: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    shard: tuple[int, int] | None = None
+    limit: int | None = None
+    threads: int | None = None
+    fp16: bool = False
+    queue_batches: int = 4
+    quiet: bool = False
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage in the main process (the packer's encode/write come back from its process)."""
+
+    scan: float = 0.0
+    decode: float = 0.0
+    detect: float = 0.0
+    warp: float = 0.0
+    transfer: float = 0.0
+    queue_wait: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """What a finished run did; ``report`` is the ``report.json`` that was written."""
+
+    out_dir: Path
+    inputs: int
+    processed: int  # inputs aligned by this invocation (fewer than ``inputs`` after --resume)
+    found: int
+    center: int
+    missed: int
+    failed: int
+    seconds: float
+    times: StageTimes
+    packer: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when torch sees a GPU, else CPU; an explicit ``cuda`` without a GPU is a UserError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device (this torch build or machine has none); use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return dev
+
+
+def _miss_reason(reason: str | None) -> str:
+    """The aligner's miss text as a report reason ``"<category>: <detail>"``."""
+    reason = reason or "no face"
+    if ":" in reason:
+        return reason
+    head, _, detail = reason.partition(" (")
+    return f"{head}: {detail.rstrip(')')}" if detail else f"{head}: none detected"
+
+
+def _crop_name(path: str) -> str:
+    name = os.path.basename(path)
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.jpg" if ext.lower() in (".jpg", ".jpeg") else f"{name}.jpg"
+
+
+def _round_landmarks(lm: torch.Tensor) -> torch.Tensor:
+    scale = 10.0**LANDMARK_DECIMALS
+    return torch.round(lm * scale) / scale
+
+
+def _lst_entry(path: str, box: np.ndarray, lm: np.ndarray) -> LstEntry:
+    """face2rec2 line of an aligned photo: aligned=0 (the path is the source photo), box, landmarks x1..x5 y1..y5."""
+    return LstEntry(0, path, 0, tuple(round(float(v)) for v in box), tuple(float(v) for v in lm.T.reshape(-1)))
+
+
+def _given_detections(item: InputItem, device: torch.device) -> Detections:
+    """A ``.lst`` line's own landmarks as a one-face detection (the photo is not detected again)."""
+    lm = torch.as_tensor(item.landmarks, dtype=torch.float32, device=device).reshape(1, 5, 2)
+    if item.bbox is not None:
+        box = torch.tensor([item.bbox], dtype=torch.float32, device=device)
+    else:
+        box = torch.cat([lm.amin(1), lm.amax(1)], dim=1)
+    return Detections(box, torch.ones(1, device=device), lm)
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+
+
+class _Aligner:
+    """Detect (or take the ``.lst``'s landmarks) and warp one decoded batch; times each stage."""
+
+    def __init__(self, opts: RunOptions, device: torch.device, items: list[InputItem], times: StageTimes):
+        self.aligner = FaceAligner(
+            device=device,
+            image_size=opts.image_size,
+            select=opts.select,
+            min_face_rel=opts.min_face_rel,
+            on_miss=opts.on_miss,
+            fp16=opts.fp16,
+        )
+        self.device = device
+        self.items = items
+        self.times = times
+        self.template = arcface_template(opts.image_size, device=device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
+        """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
+        counts = dict(found=0, center=0, missed=0, failed=0)
+        metas: dict[int, ItemMeta] = {}
+        for index, _path, reason in batch.failures:
+            if index >= skip_below:
+                it = self.items[index]
+                metas[index] = ItemMeta(index, it.group, it.path, skip_reason=reason)
+                counts["failed"] += 1
+        crops = np.zeros((0, self.aligner.image_size, self.aligner.image_size, 3), np.uint8)
+        if batch.images:
+            t0 = time.perf_counter()
+            todo = [k for k, i in enumerate(batch.indices) if self.items[i].landmarks is None]
+            found = self.aligner.detect([batch.images[k] for k in todo]) if todo else []
+            dets: list[Detections | None] = [None] * len(batch.images)
+            for k, d in zip(todo, found, strict=True):
+                dets[k] = d
+            for k, i in enumerate(batch.indices):
+                if dets[k] is None:
+                    dets[k] = _given_detections(self.items[i], self.device)
+            dets = [Detections(d.boxes, d.scores, _round_landmarks(d.landmarks)) for d in dets]
+            self._sync()
+            t1 = time.perf_counter()
+            res = self.aligner.align(batch.images, detections=dets)
+            self._sync()
+            t2 = time.perf_counter()
+            ok = res.ok
+            crops = res.crops[ok].cpu().numpy()
+            # Centre-crop fallbacks get the landmarks that reproduce them (template mapped back to the photo).
+            lms = torch.where(
+                res.center[:, None, None],
+                transform_points(invert_affine(res.transforms), self.template.expand(len(res), 5, 2)),
+                res.landmarks,
+            )
+            lms = _round_landmarks(lms).cpu().numpy()
+            boxes = res.boxes.cpu().numpy()
+            ok_l, center_l = ok.tolist(), res.center.tolist()
+            t3 = time.perf_counter()
+            self.times.detect += t1 - t0
+            self.times.warp += t2 - t1
+            self.times.transfer += t3 - t2
+            row = 0
+            for k, i in enumerate(batch.indices):
+                it = self.items[i]
+                if ok_l[k]:
+                    if center_l[k]:
+                        h, w = batch.images[k].shape[:2]
+                        boxes[k] = (0, 0, w, h)
+                    if i >= skip_below:
+                        metas[i] = ItemMeta(
+                            i, it.group, it.path, row, _lst_entry(it.path, boxes[k], lms[k]), None, _crop_name(it.path)
+                        )
+                        counts["center" if center_l[k] else "found"] += 1
+                    row += 1
+                elif i >= skip_below:
+                    metas[i] = ItemMeta(i, it.group, it.path, skip_reason=_miss_reason(res.miss_reason[k]))
+                    counts["missed"] += 1
+        # Rows of inputs that were already written are dropped; re-number the rest compactly.
+        keep_rows = [m.row for _, m in sorted(metas.items()) if m.row >= 0]
+        if len(keep_rows) != len(crops):
+            crops = crops[keep_rows]
+        remap = {r: n for n, r in enumerate(keep_rows)}
+        ordered = [
+            m if m.row < 0 else ItemMeta(m.index, m.group, m.source, remap[m.row], m.lst, None, m.crop_name)
+            for _, m in sorted(metas.items())
+        ]
+        return CropBatch(ordered, np.ascontiguousarray(crops)), counts
+
+
+class _PackerProcess:
+    """The packer process and its two queues; every wait also watches for its errors and its death."""
+
+    def __init__(self, opts: RunOptions, source: Source):
+        ctx = mp.get_context("spawn")  # never fork a process that holds CUDA state
+        self.inbox = ctx.Queue(maxsize=max(1, opts.queue_batches))
+        self.outbox = ctx.Queue()
+        writer_args = dict(
+            out_dir=opts.out,
+            layout=opts.layout,
+            label_style=opts.label_style,
+            image_size=opts.image_size,
+            min_images=opts.min_images,
+            shuffle_seed=opts.shuffle,
+            resume=opts.resume,
+            overwrite=opts.overwrite,
+            config=_input_config(opts, source),
+        )
+        threads = 2 if (os.cpu_count() or 1) > 2 else 1
+        self.proc = ctx.Process(
+            target=packer_main,
+            args=(self.inbox, self.outbox, writer_args, opts.quality, opts.save_crops, threads, os.getpid()),
+            name="gpu-align-packer",
+            daemon=True,
+        )
+        self.proc.start()
+
+    def _reply(self, timeout: float | None = None) -> tuple[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                kind, payload = self.outbox.get(timeout=0.2)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise UserError(f"the packer process died (exit code {self.proc.exitcode})") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError from None
+                continue
+            if kind == "error":
+                raise UserError(f"{payload} — nothing written so far is lost: fix it and rerun with --resume")
+            return kind, payload
+
+    def ready(self) -> int:
+        kind, done = self._reply()
+        assert kind == "ready", kind
+        return int(done)
+
+    def check(self) -> None:
+        """Raise if the packer reported an error or died (non-blocking)."""
+        with contextlib.suppress(queue.Empty):
+            kind, payload = self.outbox.get_nowait()
+            if kind == "error":
+                raise UserError(f"{payload} — nothing written so far is lost: fix it and rerun with --resume")
+        if not self.proc.is_alive():
+            raise UserError(f"the packer process died (exit code {self.proc.exitcode})")
+
+    def put(self, msg: tuple[str, Any]) -> float:
+        """Send ``msg``, blocking while the queue is full (back-pressure); returns the seconds spent waiting."""
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self.inbox.put(msg, timeout=0.2)
+                return time.perf_counter() - t0
+            except queue.Full:
+                self.check()
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        self.put(("end", extra))
+        _, stats = self._reply()
+        self.proc.join(timeout=30)
+        return stats
+
+    def abort(self) -> None:
+        """Ask the packer to stop and keep its state resumable; wait for it (briefly)."""
+        if not self.proc.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            self.inbox.put(("abort", None), timeout=5)
+            self._reply(timeout=60)
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
+def _input_config(opts: RunOptions, source: Source) -> dict[str, Any]:
+    """What must not change between a run and its --resume (the writer refuses a mismatch)."""
+    return {
+        "command": "run",
+        "source": source.root,
+        "inputs": len(source.items),
+        "fingerprint": source.fingerprint(),
+        "shard": list(opts.shard) if opts.shard else None,
+        "quality": opts.quality,
+        "select": opts.select,
+        "min_face_rel": opts.min_face_rel,
+        "on_miss": opts.on_miss,
+        "batch_size": opts.batch_size,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import cv2
+
+    v = {"gpu-align": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    v |= {"numpy": np.__version__, "opencv": cv2.__version__}
+    with contextlib.suppress(ImportError):
+        import nvidia.dali
+
+        v["dali"] = nvidia.dali.__version__
+    return v
+
+
+def _progress(opts: RunOptions, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="img",
+        desc="aligning",
+        disable=opts.quiet,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        file=sys.stderr,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run(opts: RunOptions) -> RunResult:
+    """Run the whole pipeline; returns what it did. Raises :class:`UserError` for anything the user can fix.
+
+    Ctrl-C (KeyboardInterrupt) stops cleanly: the packer keeps everything committed, a hint says how to resume,
+    and the KeyboardInterrupt is re-raised.
+    """
+    t_start = time.perf_counter()
+    device = resolve_device(opts.device)
+    if opts.batch_size is None:
+        opts.batch_size = 256 if device.type == "cuda" else 32
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if not 1 <= opts.quality <= 100:
+        raise UserError(f"--quality must be in 1..100, got {opts.quality}")
+    times = StageTimes()
+    source = scan_source(opts.src, min_images=opts.min_images, shard=opts.shard, limit=opts.limit)
+    times.scan = time.perf_counter() - t_start
+    items = source.items
+    packer = _PackerProcess(opts, source)
+    counts = dict(found=0, center=0, missed=0, failed=0)
+    processed = 0
+    decoder = None
+    try:
+        done = packer.ready()
+        start = (done // opts.batch_size) * opts.batch_size  # restart at the batch boundary: same batches
+        if done < len(items):
+            aligner = _Aligner(opts, device, items, times)
+            decoder = make_decoder(opts.decoder, device=device, threads=opts.threads, batch_size=opts.batch_size)
+            bar = _progress(opts, len(items), done)
+            with bar:
+                batches = decoder.batches((it.index, it.path) for it in items[start:])
+                while True:
+                    t0 = time.perf_counter()
+                    batch = next(batches, None)
+                    times.decode += time.perf_counter() - t0
+                    if batch is None:
+                        break
+                    packer.check()
+                    msg, c = aligner(batch, skip_below=done)
+                    for k in counts:
+                        counts[k] += c[k]
+                    n = len(msg.items)
+                    if n:
+                        times.queue_wait += packer.put(("batch", msg))
+                        processed += n
+                        bar.update(n)
+                        bar.set_postfix(
+                            faces=counts["found"],
+                            missed=counts["missed"] + counts["center"],
+                            bad=counts["failed"],
+                            refresh=False,
+                        )
+        seconds = time.perf_counter() - t_start
+        extra = {
+            "run": {
+                "options": {k: v for k, v in asdict(opts).items() if k not in ("quiet",)},
+                "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+                "decoder": repr(decoder) if decoder else None,
+                "versions": _versions(),
+                "scan_skipped": [{"path": p, "reason": r} for p, r in source.skipped],
+                "this_invocation": {
+                    "resumed_at": done,
+                    "processed": processed,
+                    **counts,
+                    "seconds": round(seconds, 3),
+                    "images_per_second": round(processed / seconds, 1) if seconds > 0 else None,
+                    "stage_seconds": {k: round(v, 3) for k, v in asdict(times).items()},
+                },
+            }
+        }
+        stats = packer.finish(extra)
+    except KeyboardInterrupt:
+        packer.abort()
+        raise
+    except BaseException:
+        packer.abort()
+        raise
+    finally:
+        if decoder is not None:
+            decoder.close()
+    report = _read_json(Path(opts.out) / "report.json")
+    return RunResult(
+        out_dir=Path(opts.out),
+        inputs=len(items),
+        processed=processed,
+        found=counts["found"],
+        center=counts["center"],
+        missed=counts["missed"],
+        failed=counts["failed"],
+        seconds=time.perf_counter() - t_start,
+        times=times,
+        packer=stats,
+        report=report,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

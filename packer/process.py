@@ -1,0 +1,186 @@
+"""The packer process of ``gpu-align run``: aligned crops in, JPEG-encoded RecordIO dataset out.
+
+The aligner (main process) sends :class:`CropBatch` messages through a bounded ``multiprocessing`` queue; this
+process encodes the crops as JPEG (OpenCV, on a small thread pool: ``cv2.imencode`` releases the GIL) and feeds
+them, in input order, to :class:`packer.layout.DatasetWriter`. The queue's bound is the back-pressure: when
+encoding or the disk falls behind, the aligner blocks on ``put`` instead of piling crops up in memory.
+
+Protocol (main → packer, on ``inbox``): ``("batch", CropBatch)`` …, then ``("end", extra)`` to finish the dataset
+(``extra``: JSON-able run details for ``report.json``) or ``("abort", None)`` to stop and keep it resumable.
+Replies (packer → main, on ``outbox``): ``("ready", done)`` once the writer is open (``done`` = inputs already
+written, for ``--resume``), then ``("done", stats)``, ``("aborted", done)`` or ``("error", message)``.
+The process never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from packer.errors import UserError
+from packer.layout import DatasetWriter, PackItem
+from packer.lst import LstEntry
+from packer.recordio import RecordIOError
+
+__all__ = ["CropBatch", "ItemMeta", "encode_jpeg", "packer_main"]
+
+_POLL_S = 1.0  # how often an idle packer checks that its parent is still alive
+
+
+@dataclass(frozen=True)
+class ItemMeta:
+    """One input of the run, in input order.
+
+    Attributes:
+        index: position in the run's input list.
+        group: identity (source folder name, or the .lst label).
+        source: source path as given (written to the report and to ``train.lst``).
+        row: row of this input's crop in :attr:`CropBatch.crops`, or -1 when it produced none.
+        lst: the ``train.lst`` line (box and landmarks of the detection); None when no crop.
+        skip_reason: why there is no crop (``"kind: detail"``).
+        crop_name: file name for ``--save-crops`` (``<identity>/<name>.jpg``).
+    """
+
+    index: int
+    group: str
+    source: str
+    row: int = -1
+    lst: LstEntry | None = None
+    skip_reason: str | None = None
+    crop_name: str = ""
+
+
+@dataclass
+class CropBatch:
+    """Crops of consecutive inputs: ``crops`` is ``(F, S, S, 3)`` uint8 RGB on the host, one row per found face."""
+
+    items: list[ItemMeta]
+    crops: np.ndarray
+
+
+@dataclass
+class PackerStats:
+    """What the packer process spent its time on (seconds), for the run's stage breakdown."""
+
+    encode_s: float = 0.0
+    write_s: float = 0.0
+    wait_s: float = 0.0
+    crops: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_jpeg(crop: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of one ``(S, S, 3)`` uint8 RGB crop (RGB-correct: OpenCV is given BGR, as it expects)."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(crop[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode a crop as JPEG")
+    return buf.tobytes()
+
+
+def _save_crop(root: Path, meta: ItemMeta, body: bytes) -> None:
+    path = root / meta.group / meta.crop_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)
+
+
+def _parent_alive(parent_pid: int) -> bool:
+    return os.getppid() == parent_pid
+
+
+def packer_main(
+    inbox: Any,
+    outbox: Any,
+    writer_args: dict[str, Any],
+    quality: int,
+    save_crops: str | None,
+    threads: int,
+    parent_pid: int,
+) -> None:
+    """Entry point of the packer process (``multiprocessing`` target). See the module docstring for the protocol."""
+    # Ctrl-C reaches the whole process group: the parent decides, this process waits for its "abort".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stats = PackerStats()
+    try:
+        writer = DatasetWriter(**writer_args)
+    except (UserError, RecordIOError, OSError) as e:
+        outbox.put(("error", _describe(e)))
+        return
+    outbox.put(("ready", writer.done))
+    crops_root = Path(save_crops) if save_crops else None
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="encode")
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                kind, payload = inbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not _parent_alive(parent_pid):  # the aligner died (kill -9): keep what is committed
+                    writer.abort()
+                    return
+                continue
+            finally:
+                stats.wait_s += time.perf_counter() - t0
+            if kind == "abort":
+                writer.abort()
+                outbox.put(("aborted", writer.done))
+                return
+            if kind == "end":
+                extra = dict(payload or {})
+                extra["packer"] = {k: round(v, 3) for k, v in vars(stats).items() if k.endswith("_s")}
+                t0 = time.perf_counter()
+                summary = writer.close(report_extra=extra)
+                stats.write_s += time.perf_counter() - t0
+                stats.summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}
+                outbox.put(("done", vars(stats)))
+                return
+            _pack_batch(writer, payload, quality, crops_root, pool, stats)
+    except (UserError, RecordIOError, OSError) as e:
+        writer.abort()
+        outbox.put(("error", _describe(e)))
+    except BaseException as e:  # a bug: say what it was, keep the dataset resumable
+        writer.abort()
+        outbox.put(("error", f"packer process failed: {type(e).__name__}: {e}"))
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pack_batch(
+    writer: DatasetWriter,
+    batch: CropBatch,
+    quality: int,
+    crops_root: Path | None,
+    pool: ThreadPoolExecutor,
+    stats: PackerStats,
+) -> None:
+    t0 = time.perf_counter()
+    bodies = list(pool.map(lambda c: encode_jpeg(c, quality), batch.crops))
+    stats.encode_s += time.perf_counter() - t0
+    stats.crops += len(bodies)
+    t0 = time.perf_counter()
+    for meta in batch.items:
+        body = bodies[meta.row] if meta.row >= 0 else None
+        item = PackItem(group=meta.group, body=body, lst=meta.lst, source=meta.source, skip_reason=meta.skip_reason)
+        writer.add(item)
+        if crops_root is not None and body is not None:
+            _save_crop(crops_root, meta, body)
+    stats.write_s += time.perf_counter() - t0
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror}{where}"
+    return str(e)
