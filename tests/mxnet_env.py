@@ -95,13 +95,16 @@ def mxnet_python(timeout: float = 900) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
         start = time.monotonic()
-        _run([_base_python(), "-m", "venv", str(tmp)], "creating the mxnet venv", 120)
-        pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        _run([*pip, "--timeout", "60", *PINS], f"pip install {' '.join(PINS)}", timeout)
-        check = "import mxnet, numpy, cv2; print(mxnet.__version__, numpy.__version__, cv2.__version__)"
-        _run([str(tmp / "bin" / "python"), "-c", check], "importing mxnet in its venv", 120)
-        (tmp / _READY).write_text(f"{' '.join(PINS)}\nbuilt in {time.monotonic() - start:.0f} s\n")
-        os.rename(tmp, dest)  # atomic: dest exists only complete (the venv runs from any path via bin/python)
+        try:
+            _run([_base_python(), "-m", "venv", str(tmp)], "creating the mxnet venv", 120)
+            pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+            _run([*pip, "--timeout", "60", *PINS], f"pip install {' '.join(PINS)}", timeout)
+            check = "import mxnet, numpy, cv2; print(mxnet.__version__, numpy.__version__, cv2.__version__)"
+            _run([str(tmp / "bin" / "python"), "-c", check], "importing mxnet in its venv", 120)
+            (tmp / _READY).write_text(f"{' '.join(PINS)}\nbuilt in {time.monotonic() - start:.0f} s\n")
+            os.rename(tmp, dest)  # atomic: dest exists only complete (the venv runs from any path via bin/python)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return python
 
 

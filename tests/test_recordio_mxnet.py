@@ -36,6 +36,23 @@ def mxnet_python() -> Path:
         pytest.fail(f"cannot build the reference mxnet venv: {e}", pytrace=False)
 
 
+@pytest.mark.slow
+def test_venv_build_failure_is_an_error_that_says_why(tmp_path, monkeypatch):
+    """No package index (as without network): a clear MxnetUnavailable, and no half-built venv is left to reuse."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels"))
+    dest = mxnet_env.venv_dir()
+    stale = dest.parent / f"{dest.name}.tmp-12345"  # a build that was killed
+    (stale / "bin").mkdir(parents=True)
+    (dest / "bin").mkdir(parents=True)  # a folder without the ready marker
+    with pytest.raises(
+        mxnet_env.MxnetUnavailable, match=r"(?s)pip install mxnet==1\.9\.1.*failed.*GPU_ALIGN_SKIP_MXNET=1"
+    ):
+        mxnet_env.mxnet_python()
+    assert sorted(p.name for p in dest.parent.iterdir()) == [f"{dest.name}.lock"]
+
+
 # --------------------------------------------------------------------------------------------------- cases
 # A case: keys, headers (None = raw payload written as is; else [flag, label spec, id, id2] packed with `pack`),
 # bodies, and whether it is written through MXIndexedRecordIO (else MXRecordIO, no .idx).
