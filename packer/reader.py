@@ -276,6 +276,9 @@ class DatasetReader:
         self.keys = [k for k, _ in entries]
         self._f: BinaryIO = open(self.paths.rec, "rb")  # noqa: SIM115 - closed by close()
         self.rec_size = os.fstat(self._f.fileno()).st_size
+        if self.rec_size and self._f.read(4) != _MAGIC_BYTES:
+            self.close()
+            raise UserError(f"{self.paths.rec} is not a RecordIO file (it does not start with the RecordIO magic)")
         past = [(k, o) for k, o in entries if o >= self.rec_size]
         if past:
             k, o = past[0]
@@ -285,9 +288,6 @@ class DatasetReader:
                 f"({self.rec_size} bytes; {len(past)} such keys): the .rec is truncated or the .idx belongs to "
                 "another file; run 'gpu-align verify' for details"
             )
-        if self.rec_size and self._f.read(4) != _MAGIC_BYTES:
-            self.close()
-            raise UserError(f"{self.paths.rec} is not a RecordIO file (it does not start with the RecordIO magic)")
         self.header: IRHeader | None = None
         self.layout = "flat"
         if 0 in self._offsets:

@@ -470,8 +470,8 @@ def _check_labels(rep: VerifyReport, recs: dict, images: np.ndarray, prop: Prope
     if rep.label_style == "mixed":
         rep.add(
             "label-style",
-            f"{len(scalar)} images have scalar labels (first key {int(keys[scalar[0]])}) and {len(listed)} list "
-            f"labels (first key {int(keys[listed[0]])}); most training readers accept only one style",
+            f"images with scalar labels: {len(scalar)} (first key {int(keys[scalar[0]])}), with list labels: "
+            f"{len(listed)} (first key {int(keys[listed[0]])}); most training readers accept only one style",
             int(keys[listed[0]]),
         )
     if rep.layout == "flat" and len(listed):

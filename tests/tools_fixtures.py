@@ -51,6 +51,10 @@ def jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
+def decode_rgb(body: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1].copy()
+
+
 def png(rgb: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", rgb[:, :, ::-1])
     assert ok
@@ -73,32 +77,53 @@ def _write_common(out: Path, ids, image_size=(112, 112)) -> None:
     (out / "property").write_text(f"{len(ids)},{image_size[0]},{image_size[1]}\n")
 
 
-def write_face2rec2(
-    out: Path, ids: list[tuple[str, list[bytes]]], label_style: str = "pair", lst: bool = True
-) -> dict[int, tuple[int, bytes]]:
-    """face2rec2 layout in ``out``; returns ``{key: (label, body)}`` of the images."""
-    out.mkdir(parents=True, exist_ok=True)
-    images: dict[int, tuple[int, bytes]] = {}
+Rec = tuple[int, IRHeader, bytes]  # (key, header, body) in write order
+
+
+def face2rec2_records(ids: list[tuple[str, list[bytes]]], label_style: str = "pair") -> list[Rec]:
+    """Records of the face2rec2 layout in write order: images 1..N, key 0, identity records N+1..N+K."""
+    recs: list[Rec] = []
     ranges = []
-    rec = MXIndexedRecordIO(out / "train.idx", out / "train.rec", "w")
     key = 1
-    lines = []
-    for label, (name, bodies) in enumerate(ids):
+    for label, (_, bodies) in enumerate(ids):
         start = key
-        for j, body in enumerate(bodies):
+        for body in bodies:
             lab = [float(label), 1.0] if label_style == "pair" else float(label)
-            rec.write_idx(key, pack(IRHeader(0, lab, key, 0), body))
-            images[key] = (label, body)
-            lines.append(f"1\t/data/{name}/{j:03d}.jpg\t{label}")
+            recs.append((key, IRHeader(0, lab, key, 0), body))
             key += 1
         ranges.append((start, key))
     n, k = key - 1, len(ids)
-    rec.write_idx(0, pack(IRHeader(0, [float(n + 1), float(n + 1 + k)], 0, 0), b""))
+    recs.append((0, IRHeader(0, [float(n + 1), float(n + 1 + k)], 0, 0), b""))
     for i, (s, e) in enumerate(ranges):
-        rec.write_idx(n + 1 + i, pack(IRHeader(0, [float(s), float(e)], n + 1 + i, 0), b""))
+        recs.append((n + 1 + i, IRHeader(0, [float(s), float(e)], n + 1 + i, 0), b""))
+    return recs
+
+
+def write_records(out: Path, recs: list[Rec], num_classes: int | None = None, image_size=(112, 112)) -> None:
+    """Write ``recs`` (in order) as ``out/train.rec`` + ``train.idx`` (+ ``property`` if ``num_classes``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rec = MXIndexedRecordIO(out / "train.idx", out / "train.rec", "w")
+    for key, header, body in recs:
+        rec.write_idx(key, pack(header, body))
     rec.close()
-    _write_common(out, ids)
+    if num_classes is not None:
+        (out / "property").write_text(f"{num_classes},{image_size[0]},{image_size[1]}\n")
+
+
+def write_face2rec2(
+    out: Path, ids: list[tuple[str, list[bytes]]], label_style: str = "pair", lst: bool = True
+) -> dict[int, tuple[int, bytes]]:
+    """face2rec2 layout in ``out`` (with property and train.lst); returns ``{key: (label, body)}`` of the images."""
+    recs = face2rec2_records(ids, label_style)
+    write_records(out, recs, len(ids))
+    n = sum(len(b) for _, b in ids)
+    images = {k: (int(np.ravel(h.label)[0]), body) for k, h, body in recs if 1 <= k <= n}
     if lst:
+        lines = [
+            f"1\t/data/{name}/{j:03d}.jpg\t{label}"
+            for label, (name, bodies) in enumerate(ids)
+            for j in range(len(bodies))
+        ]
         (out / "train.lst").write_text("\n".join(lines) + "\n")
     return images
 
