@@ -289,10 +289,18 @@ class DatasetWriter:
                 "replace it, or choose another folder"
             )
         out.mkdir(parents=True, exist_ok=True)
-        for key in _STREAM:
-            if key != "lst" or self.write_lst:
-                self._files[key] = open(self._partial(key), "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._commit()
+        try:
+            for key in _STREAM:
+                if key != "lst" or self.write_lst:
+                    self._files[key] = open(self._partial(key), "wb")  # noqa: SIM115 - closed in close()/abort()
+            self._commit()
+        except BaseException:
+            # Nothing was committed: leave no stray partials, so that rerunning the same command just works.
+            self._close_handles()
+            for key in _STREAM:
+                with contextlib.suppress(OSError):
+                    self._partial(key).unlink(missing_ok=True)
+            raise
 
     def _read_state(self) -> dict:
         try:
