@@ -158,7 +158,7 @@ def test_pack_default_insightface_scalar(faces, tmp_path, capsys):
 
 
 def _bad_lst(faces: Path, tmp_path: Path) -> Path:
-    """A .lst with a missing file, a non-image, a wrong-size image, an aligned=0 photo and a lone good image."""
+    """A .lst with a missing file, a folder, a non-image, a wrong-size image, an aligned=0 photo, a lone image."""
     root = faces / "faces"
     (tmp_path / "notjpeg.jpg").write_text("hello")
     big = cv2.imencode(".jpg", cv2.imread(str(root / "id00/000.jpg")).repeat(2, 0).repeat(2, 1))[1]
@@ -166,6 +166,7 @@ def _bad_lst(faces: Path, tmp_path: Path) -> Path:
     lines = [
         f"1\t{root}/id00/000.jpg\t10",
         f"1\t{tmp_path}/gone.jpg\t10",
+        f"1\t{tmp_path}\t10",
         f"1\t{root}/id00/001.jpg\t10",
         f"1\t{tmp_path}/notjpeg.jpg\t11",
         f"1\t{tmp_path}/big.jpg\t11",
@@ -193,12 +194,13 @@ def test_pack_skips_bad_files_and_reports_them(faces, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert reasons["gone.jpg"] == "missing file"
+    assert reasons[tmp_path.name] == "unreadable file: Is a directory"
     assert reasons["notjpeg.jpg"].startswith("not an image: no JPEG or PNG header (starts with 68 65 6c 6c 6f)")
     assert reasons["big.jpg"].startswith("wrong size: 224x224, expected 112x112 (--image-size)")
     assert reasons["photo.jpg"].startswith("needs alignment: aligned=0 line")
     assert reasons["000.jpg"].startswith("too few images")
-    assert report["counts"] == {"inputs": 9, "images": 4, "classes": 2, "skipped": 5, "dropped_identities": 1}
-    assert "skipped 5 inputs" in cap.out and str(out / "report.json") in cap.out
+    assert report["counts"] == {"inputs": 10, "images": 4, "classes": 2, "skipped": 6, "dropped_identities": 1}
+    assert "skipped 6 inputs" in cap.out and str(out / "report.json") in cap.out
     assert (out / "property").read_text() == "2,112,112\n"
 
 

@@ -264,3 +264,29 @@ def test_jpeg_bytes_are_stored_unchanged_and_decode(tmp_path, crops):
     _, recs, _ = _read(d)
     img = cv2.imdecode(np.frombuffer(recs[0][1], np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (112, 112, 3)
+
+
+@pytest.mark.dali
+def test_dali_mxnet_reader_reads_the_flat_layout(tmp_path, crops):
+    """The flat layout exists for DALI: every record is a sample with one scalar label (CPU pipeline)."""
+    dali = pytest.importorskip("nvidia.dali")
+    fn = pytest.importorskip("nvidia.dali.fn")
+    items = _items(crops, sizes=(4, 4, 4), skip=())
+    d = tmp_path / "flat"
+    _write(d, items, layout="flat", shuffle_seed=11)
+
+    @dali.pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def pipe():
+        jpegs, labels = fn.readers.mxnet(path=[str(d / "train.rec")], index_path=[str(d / "train.idx")])
+        return fn.decoders.image(jpegs, device="cpu"), labels, jpegs
+
+    p = pipe()
+    p.build()
+    seen = []
+    for _ in range(3):
+        imgs, labels, raw = p.run()
+        for i in range(4):
+            assert imgs.at(i).shape == (112, 112, 3)
+            seen.append((bytes(np.asarray(raw.at(i))), np.asarray(labels.at(i)).tolist()))
+    order = shuffle_order(12, 11).tolist()
+    assert seen == [(crops[i], [float(i // 4)]) for i in order]  # file order, one float label each

@@ -236,7 +236,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--root", default=None, metavar="DIR", help="folder that relative .lst paths start from (default: the .lst's)"
     )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue an interrupted pack into DIR")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted pack into DIR (same LST and options; an empty or missing DIR starts fresh, "
+        "a finished one is left as it is)",
+    )
     group.add_argument(
         "--overwrite", action="store_true", help="replace gpu-align's files in DIR (other files are left alone)"
     )
