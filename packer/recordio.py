@@ -76,6 +76,10 @@ _IR_FORMAT = "IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24: 'IfQQ' has no padding in native alignment
 _IR_STRUCT = struct.Struct("<" + _IR_FORMAT)  # mxnet packs native 'IfQQ': the same bytes on little-endian hosts
 
+_U32 = np.dtype("<u4")
+_MAGIC_U32 = np.uint32(MAGIC)
+_count_nonzero = np.count_nonzero
+_NP_SCAN_MIN, _NP_SCAN_MAX = 256, 1 << 20  # where the numpy scan in _encode_parts beats bytes.find
 _FLUSH_BYTES = 1 << 20  # writer buffer size
 _MAX_CHUNKS = 1000  # below IOV_MAX (1024 on Linux): one writev per flush
 _writev = getattr(os, "writev", None)
@@ -105,10 +109,16 @@ def _encode_parts(buf: Any) -> tuple[list[Any], int]:
     if size > MAX_RECORD_LENGTH:
         raise RecordIOError(f"record of {size} bytes exceeds the RecordIO limit of {MAX_RECORD_LENGTH} bytes")
     pad = _PADDING[-size % 4]
-    hit = buf.find(_MAGIC_BYTES)  # C-speed scan; the alignment logic below runs only on the rare hits
-    lower_align = size & ~3
-    if hit < 0 or hit >= lower_align:  # the common case: one part
+    if _NP_SCAN_MIN <= size <= _NP_SCAN_MAX:
+        # Compare the aligned words at once: ~2x faster than bytes.find on a JPEG of a few KB.
+        clean = not _count_nonzero(np.frombuffer(buf, _U32, size >> 2) == _MAGIC_U32)
+    else:
+        hit = buf.find(_MAGIC_BYTES)  # C speed, no temporary array (records of many MB)
+        clean = hit < 0 or hit >= size & ~3
+    if clean:  # the common case: one part
         return [_PART_HEAD.pack(MAGIC, size), buf, pad], 8 + size + len(pad)
+    lower_align = size & ~3
+    hit = buf.find(_MAGIC_BYTES)  # the alignment logic below runs only on the rare records that hold the magic
     out: list[Any] = []
     start = 0  # start of the current part's data (dmlc's dptr)
     while 0 <= hit < lower_align:

@@ -81,6 +81,8 @@ def write_rec(path, payloads, keys=None) -> list[int]:
         (b"ab" + M + b"cd", part(0, b"ab" + M + b"cd")),
         (b"abc" + M, part(0, b"abc" + M) + b"\0"),
         (b"abcd" + M[:3], part(0, b"abcd" + M[:3]) + b"\0"),  # a partial magic at the end
+        (bytes(501) + M + bytes(499), part(0, bytes(501) + M + bytes(499))),  # long (numpy scan), unaligned
+        (bytes(500) + M + bytes(500), part(1, bytes(500)) + part(3, bytes(500))),  # long, aligned
     ],
 )
 def test_encode_record_matches_the_format(payload, expected):
@@ -93,9 +95,9 @@ def test_split_records_round_trip_and_leave_the_magic_only_at_part_heads(tmp_pat
     occurs at aligned offsets only where a part starts (so a reader can always find record boundaries)."""
     rng = np.random.default_rng(0)
     payloads = []
-    for _ in range(300):
-        words = rng.integers(0, 2**32, rng.integers(0, 12), dtype=np.uint32)
-        words[rng.random(len(words)) < 0.4] = MAGIC
+    for i in range(300):  # short ones, and ones in the numpy-scan size range of the encoder (>= 256 bytes)
+        words = rng.integers(0, 2**32, rng.integers(0, 12) if i % 3 else rng.integers(64, 5000), dtype=np.uint32)
+        words[rng.random(len(words)) < (0.4 if len(words) < 12 else 3 / len(words))] = MAGIC
         tail = rng.integers(0, 256, rng.integers(0, 4), dtype=np.uint8).tobytes()
         payloads.append(words.astype("<u4").tobytes() + tail)
     assert sum(M in p for p in payloads) > 100

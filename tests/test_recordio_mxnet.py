@@ -119,7 +119,9 @@ def make_cases(load_photo) -> dict[str, dict]:
             b"",
         ],
     )
-    add("magic_random", [_words_with_magic(rng, int(rng.integers(0, 40)), 0.3, i % 4) for i in range(120)])
+    short = [_words_with_magic(rng, int(rng.integers(0, 40)), 0.3, i % 4) for i in range(120)]
+    long = [_words_with_magic(rng, int(rng.integers(64, 4000)), 0.002, i % 4) for i in range(40)]
+    add("magic_random", short + long)
     big = bytearray(_random(rng, 6 * 2**20 + 3))
     for off in (0, 4, 2**20, 3 * 2**20 + 12, 6 * 2**20 - 4, 777):  # 777 is unaligned: not cut
         big[off : off + 4] = M
