@@ -157,7 +157,8 @@ class DatasetWriter:
         commit_interval: seconds between commits (a crash loses at most this much work).
 
     Attributes:
-        done: inputs already written when the writer opened; after ``resume`` the caller skips that many.
+        done: inputs committed to disk. Right after opening it is what a resumed pack already holds (the caller
+            skips that many inputs); it grows at each commit, so after :meth:`abort` it is what a resume will keep.
     """
 
     def __init__(
@@ -234,8 +235,9 @@ class DatasetWriter:
         self._broken = False  # a write failed part-way: the in-memory sizes no longer match the files
         self._closed = False
         self._last_commit = time.monotonic()
+        self.done = 0
         self._open(resume=resume, overwrite=overwrite)
-        self.done = self._inputs
+        self.done = self._resumed_from = self._inputs
 
     # ------------------------------------------------------------------------------------------ opening
 
@@ -480,6 +482,7 @@ class DatasetWriter:
             self._broken = True
             raise
         self._last_commit = time.monotonic()
+        self.done = self._inputs
 
     # ------------------------------------------------------------------------------------------ closing
 
@@ -494,7 +497,7 @@ class DatasetWriter:
         """
         if self._closed:
             raise RuntimeError("DatasetWriter is closed")
-        resumed_from = self.done
+        resumed_from = self._resumed_from
         finished = self._finished_report is not None
         if not finished:
             if self._phase == "stream":

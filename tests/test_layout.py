@@ -204,6 +204,7 @@ def test_abort_and_resume_is_byte_identical_even_with_torn_tails(tmp_path, crops
                 w.add(it)
             w.abort()
         state = json.loads((d / STATE_NAME).read_text())
+        assert w.done == state["done"]  # what a resume keeps
         for name in ("train.rec", "train.idx", "train.lst"):  # a crash after the commit leaves torn bytes
             with open(d / f"{name}.partial", "ab") as f:
                 f.write(b"\x0a\x23\xd7\xce torn")
