@@ -267,6 +267,9 @@ class DatasetWriter:
                 )
             self._resume(state)
             return
+        elif out.is_dir() and resume and self._only_uncommitted_partials():
+            for name in os.listdir(out):  # killed before its first commit: nothing to keep, start afresh
+                (out / name).unlink()
         elif out.is_dir() and any(out.iterdir()):
             report = self._read_finished_report()
             if report is not None and resume:
@@ -303,6 +306,11 @@ class DatasetWriter:
                 with contextlib.suppress(OSError):
                     self._partial(key).unlink(missing_ok=True)
             raise
+
+    def _only_uncommitted_partials(self) -> bool:
+        names = os.listdir(self.out_dir)
+        ours = set(self._our_names()) - set(_OUTPUT_ORDER)
+        return bool(names) and all(n in ours and (self.out_dir / n).is_file() for n in names)
 
     def _read_state(self) -> dict:
         try:

@@ -214,6 +214,18 @@ def test_abort_and_resume_is_byte_identical_even_with_torn_tails(tmp_path, crops
     assert _files(d) == _files(tmp_path / "ref")
 
 
+def test_resume_after_a_kill_before_the_first_commit_starts_afresh(tmp_path, crops):
+    d = tmp_path / "o"
+    d.mkdir()
+    (d / "train.rec.partial").write_bytes(b"\x0a\x23\xd7\xce")  # no state file yet: nothing was committed
+    (d / f"{STATE_NAME}.tmp").write_bytes(b"{")
+    with pytest.raises(UserError, match="is not empty"):
+        DatasetWriter(d)
+    _write(d, _items(crops), resume=True)
+    _write(tmp_path / "ref", _items(crops))
+    assert _files(d) == _files(tmp_path / "ref")
+
+
 def test_magic_word_inside_an_image_is_split_and_read_back(tmp_path, crops):
     magic = struct.pack("<I", recordio.MAGIC)
     # header (24 bytes) + body: put the magic at 4-byte-aligned payload offsets 24+8 and 24+40
