@@ -245,35 +245,42 @@ def _job_img(job: dict) -> dict:
     return result
 
 
+def _best_of(fn, repeat: int) -> dict:
+    """Best wall-clock and best CPU seconds (this process, user + system) of ``repeat`` runs of ``fn``."""
+    wall = cpu = float("inf")
+    for _ in range(repeat):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = min(wall, time.perf_counter() - w), min(cpu, time.process_time() - c)
+    return {"seconds": wall, "cpu_seconds": cpu}
+
+
 def _job_bench_write(job: dict) -> dict:
-    """Seconds for mxnet's MXIndexedRecordIO to write the given payloads (best of ``repeat``), write_idx each."""
+    """Time mxnet's MXIndexedRecordIO writing the given payloads with write_idx (keys 0..n-1)."""
     from mxnet import recordio
 
     payloads = _slices(Path(job["blob"]).read_bytes(), job["lengths"])
-    best = float("inf")
-    for _ in range(job.get("repeat", 3)):
-        start = time.perf_counter()
+
+    def write():
         rec = recordio.MXIndexedRecordIO(job["idx"], job["rec"], "w")
         for key, payload in enumerate(payloads):
             rec.write_idx(key, payload)
         rec.close()
-        best = min(best, time.perf_counter() - start)
-    return {"seconds": best}
+
+    return _best_of(write, job.get("repeat", 3))
 
 
 def _job_bench_read(job: dict) -> dict:
-    """Seconds for mxnet to read every record by key (read_idx + unpack), best of ``repeat``."""
+    """Time mxnet reading every record by key (read_idx + unpack)."""
     from mxnet import recordio
 
-    best = float("inf")
-    for _ in range(job.get("repeat", 3)):
-        start = time.perf_counter()
+    def read():
         rec = recordio.MXIndexedRecordIO(job["idx"], job["rec"], "r")
         for key in rec.keys:
             recordio.unpack(rec.read_idx(key))
         rec.close()
-        best = min(best, time.perf_counter() - start)
-    return {"seconds": best}
+
+    return _best_of(read, job.get("repeat", 3))
 
 
 def _job_insightface_read(job: dict) -> dict:
