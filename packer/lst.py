@@ -28,7 +28,7 @@ LST_ENCODING = "utf-8"
 LST_ERRORS = "surrogateescape"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LstEntry:
     """One ``.lst`` line.
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import itertools
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from packer.errors import UserError
@@ -84,7 +85,7 @@ def _load(entry: LstEntry, root: str, size: tuple[int, int]) -> PackItem:
     return item
 
 
-def _items(entries: Sequence[LstEntry], root: str, size: tuple[int, int], threads: int) -> Iterator[PackItem]:
+def _items(entries: Iterable[LstEntry], root: str, size: tuple[int, int], threads: int) -> Iterator[PackItem]:
     """``_load`` over ``entries`` in order, reading ahead with ``threads`` threads (bounded memory)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         window: collections.deque = collections.deque()
@@ -126,8 +127,17 @@ def _run(args: argparse.Namespace) -> int:
     lst_path = args.lst
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
-    entries = list(read_lst(lst_path))  # every .lst problem is fatal here, before anything is written
-    if not entries:
+    # Pass 1 checks the whole .lst before anything is written; pass 2 streams it (memory stays per identity).
+    total = 0
+    unaligned: list[str] = []
+    n_unaligned = 0
+    for e in read_lst(lst_path):
+        total += 1
+        if e.aligned == 0:
+            n_unaligned += 1
+            if len(unaligned) < 3:
+                unaligned.append(e.path)
+    if not total:
         raise UserError(f"{lst_path}: no entries")
     root = os.path.abspath(args.root if args.root is not None else os.path.dirname(os.path.abspath(lst_path)))
     config = {"command": "pack", "lst_sha256": _sha256(lst_path), "root": root}
@@ -145,23 +155,20 @@ def _run(args: argparse.Namespace) -> int:
         )
     except OSError as e:
         raise UserError(f"cannot write to {args.out}: {e.strerror} ({e.filename})") from None
-    unaligned = [e.path for e in entries if e.aligned == 0]
-    if unaligned:
-        first = ", ".join(unaligned[:3]) + (", …" if len(unaligned) > 3 else "")
+    if n_unaligned:
+        first = ", ".join(unaligned) + (", …" if n_unaligned > len(unaligned) else "")
         print(
-            f"gpu-align: note: {len(unaligned)} lines have aligned=0 (photos that need face detection and "
+            f"gpu-align: note: {n_unaligned} lines have aligned=0 (photos that need face detection and "
             f"alignment: {first}); pack skips them, `gpu-align run` aligns them",
             file=sys.stderr,
         )
     from tqdm import tqdm
 
-    todo = entries[writer.done :]
+    todo = itertools.islice(read_lst(lst_path), writer.done, None)
     try:
         with (
             writer,
-            tqdm(
-                total=len(entries), initial=writer.done, unit="img", desc="pack", disable=args.quiet, file=sys.stderr
-            ) as bar,
+            tqdm(total=total, initial=writer.done, unit="img", desc="pack", disable=args.quiet, file=sys.stderr) as bar,
         ):
             for item in _items(todo, root, args.image_size, args.threads):
                 writer.add(item)
