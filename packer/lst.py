@@ -167,6 +167,8 @@ def read_lst(path: str | os.PathLike, *, require_grouped: bool = True) -> Iterat
         try:
             for lineno, raw in enumerate(f, 1):
                 line = raw.rstrip("\n").rstrip("\r")
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark from Windows editors
                 if not line.strip():
                     continue
                 where = f"{p}:{lineno}"

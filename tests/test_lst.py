@@ -65,8 +65,8 @@ def test_read_roundtrip_all_three_shapes(tmp_path):
     assert list(read_lst(p)) == entries
 
 
-def test_read_tolerates_blank_lines_crlf_and_float_boxes(tmp_path):
-    p = _write(tmp_path, "1\t/a/1.jpg\t0\r\n\r\n   \n0\t/a/2.jpg\t0\t1.4\t2\t3.6\t4\n")
+def test_read_tolerates_bom_blank_lines_crlf_and_float_boxes(tmp_path):
+    p = _write(tmp_path, "\ufeff1\t/a/1.jpg\t0\r\n\r\n   \n0\t/a/2.jpg\t0\t1.4\t2\t3.6\t4\n")
     got = list(read_lst(p))
     assert got == [LstEntry(1, "/a/1.jpg", 0), LstEntry(0, "/a/2.jpg", 0, bbox=(1, 2, 4, 4))]
 
