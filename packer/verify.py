@@ -133,16 +133,20 @@ def _parse_index(path: Path, rep: VerifyReport) -> tuple[np.ndarray, np.ndarray,
     return (np.frombuffer(keys, np.int64), np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.int64))
 
 
-def _check_images(batch: list[tuple[int, bytes]], decode: bool) -> list[tuple[int, tuple[int, int] | str]]:
-    """``(offset, (h, w) | failure reason)`` per image body; runs on a worker thread."""
-    out: list[tuple[int, tuple[int, int] | str]] = []
-    for offset, body in batch:
+_Checked = tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]  # offsets (n,), (h, w) (n, 2) or -1, failures
+
+
+def _check_images(batch: list[tuple[int, bytes]], decode: bool) -> _Checked:
+    """Image size per body (``-1, -1`` on failure) and the failure reasons; runs on a worker thread."""
+    offsets = np.fromiter((o for o, _ in batch), np.int64, len(batch))
+    shapes = np.full((len(batch), 2), -1, np.int64)
+    failures: list[tuple[int, str]] = []
+    for i, (offset, body) in enumerate(batch):
         try:
-            shape = decode_image(body).shape[:2] if decode else image_shape(body)
-            out.append((offset, (int(shape[0]), int(shape[1]))))
+            shapes[i] = decode_image(body).shape[:2] if decode else image_shape(body)
         except (ValueError, OSError) as e:
-            out.append((offset, str(e) or type(e).__name__))
-    return out
+            failures.append((offset, str(e) or type(e).__name__))
+    return offsets, shapes, failures
 
 
 class _ImageChecker:
@@ -154,7 +158,7 @@ class _ImageChecker:
         self.max_inflight = 2 * max(1, workers)
         self.batch: list[tuple[int, bytes]] = []
         self.inflight: list[Future] = []
-        self.results: list[tuple[int, tuple[int, int] | str]] = []
+        self.results: list[_Checked] = []
 
     def add(self, offset: int, body: bytes) -> None:
         self.batch.append((offset, body))
@@ -166,12 +170,12 @@ class _ImageChecker:
             self.inflight.append(self.pool.submit(_check_images, self.batch, self.decode))
             self.batch = []
         while len(self.inflight) > self.max_inflight:
-            self.results += self.inflight.pop(0).result()
+            self.results.append(self.inflight.pop(0).result())
 
-    def finish(self) -> list[tuple[int, tuple[int, int] | str]]:
+    def finish(self) -> list[_Checked]:
         self._submit()
         for fut in self.inflight:
-            self.results += fut.result()
+            self.results.append(fut.result())
         self.pool.shutdown()
         return self.results
 
@@ -189,7 +193,7 @@ def verify_dataset(
     Args:
         decode: decode every image (strict JPEG decode); False only reads image headers (size, format).
         max_problems: how many problems the report keeps in detail (all are counted).
-        workers: decode threads (default: up to 4).
+        workers: decode threads (default: one per CPU, up to 8).
         progress: show a tqdm bar (stderr) over the bytes of the .rec.
 
     Raises UserError when the files are missing or the .rec is not RecordIO at all.
@@ -209,10 +213,10 @@ def verify_dataset(
     order = np.argsort(idx_offsets, kind="stable")
     sorted_offsets, sorted_keys = idx_offsets[order], idx_keys[order]
 
-    rec_off, rec_end, rec_key = array("q"), array("q"), array("q")
+    rec_off, rec_end = array("q"), array("q")
     rec_flag, rec_l0, rec_l1, rec_id, rec_body = array("q"), array("d"), array("d"), array("q"), array("q")
     damages: list[Damage] = []
-    checker = _ImageChecker(decode, workers or min(4, os.cpu_count() or 1))
+    checker = _ImageChecker(decode, workers or min(8, os.cpu_count() or 1))
 
     with open(paths.rec, "rb") as f:
         size = rep.rec_bytes = os.fstat(f.fileno()).st_size
@@ -230,16 +234,14 @@ def verify_dataset(
                     bar(item.end - item.start)
                     continue
                 bar(item.end - item.offset)
-                i = int(np.searchsorted(sorted_offsets, item.offset))
-                key = int(sorted_keys[i]) if i < len(sorted_offsets) and sorted_offsets[i] == item.offset else -1
                 try:
                     header, body = unpack(item.payload)
                 except RecordIOError as e:
+                    key = _key_at(sorted_offsets, sorted_keys, item.offset)
                     rep.add("bad-record", f"record at byte {item.offset} (key {key}): {e}", key, item.offset)
                     continue
                 rec_off.append(item.offset)
                 rec_end.append(item.end)
-                rec_key.append(key)
                 rec_flag.append(header.flag)
                 if header.flag == 0:
                     rec_l0.append(header.label)
@@ -255,10 +257,11 @@ def verify_dataset(
             bar(None)
         results = checker.finish()
 
+    off = np.frombuffer(rec_off, np.int64)
     recs = {
-        "off": np.frombuffer(rec_off, np.int64),
+        "off": off,
         "end": np.frombuffer(rec_end, np.int64),
-        "key": np.frombuffer(rec_key, np.int64),
+        "key": _keys_at(sorted_offsets, sorted_keys, off),
         "flag": np.frombuffer(rec_flag, np.int64),
         "l0": np.frombuffer(rec_l0, np.float64),
         "l1": np.frombuffer(rec_l1, np.float64),
@@ -275,6 +278,18 @@ def verify_dataset(
     _check_labels(rep, recs, image_mask, prop)
     _check_images_results(rep, recs, image_mask, results, prop)
     return rep
+
+
+def _keys_at(sorted_offsets: np.ndarray, sorted_keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The .idx key of each record offset (the first listed one if several), -1 where none points at it."""
+    if not len(sorted_offsets):
+        return np.full(len(offsets), -1, np.int64)
+    pos = np.minimum(np.searchsorted(sorted_offsets, offsets), len(sorted_offsets) - 1)
+    return np.where(sorted_offsets[pos] == offsets, sorted_keys[pos], -1)
+
+
+def _key_at(sorted_offsets: np.ndarray, sorted_keys: np.ndarray, offset: int) -> int:
+    return int(_keys_at(sorted_offsets, sorted_keys, np.asarray([offset], np.int64))[0])
 
 
 def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
@@ -500,41 +515,34 @@ def _check_labels(rep: VerifyReport, recs: dict, images: np.ndarray, prop: Prope
         rep.add("empty-image", f"image key {int(keys[j])} has no image bytes", int(keys[j]), int(recs["off"][j]))
 
 
-def _check_images_results(rep: VerifyReport, recs: dict, images: np.ndarray, results, prop) -> None:
-    off = recs["off"]
-    image_offsets = set(off[images].tolist())
-    sizes: Counter = Counter()
-    shaped: list[tuple[int, tuple[int, int]]] = []
+def _check_images_results(rep: VerifyReport, recs: dict, images: np.ndarray, results: list[_Checked], prop) -> None:
+    off, keys = recs["off"], recs["key"]
+    if not results:
+        return
+    res_off = np.concatenate([r[0] for r in results])
+    shapes = np.concatenate([r[1] for r in results])
+    j = np.searchsorted(off, res_off)  # every result offset is a record offset
+    is_image = images[j]  # bodies on meta records are not images: not our business
     what = "decode" if rep.decoded else "read the header of"
-    for o, res in results:
-        if o not in image_offsets:
-            continue  # a body on a meta record: not an image, not our business
-        j = int(np.searchsorted(off, o))
-        key = int(recs["key"][j])
-        if isinstance(res, str):
-            rep.add("decode", f"image key {key} at byte {o}: cannot {what} it: {res}", key, o)
-        else:
-            sizes[res] += 1
-            shaped.append((o, res))
-    rep.image_sizes = {f"{h}x{w}": n for (h, w), n in sizes.most_common()}
-    if not sizes:
+    image_offsets = set(off[images].tolist()) if any(r[2] for r in results) else set()
+    for o, reason in (f for r in results for f in r[2]):
+        if o in image_offsets:
+            key = int(keys[np.searchsorted(off, o)])
+            rep.add("decode", f"image key {key} at byte {o}: cannot {what} it: {reason}", key, o)
+    ok = is_image & (shapes[:, 0] >= 0)
+    sizes, counts = np.unique(shapes[ok], axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    rep.image_sizes = {f"{sizes[i][0]}x{sizes[i][1]}": int(counts[i]) for i in order}
+    if not len(sizes):
         return
     if prop is not None:
-        want, source = (prop.height, prop.width), "the property file"
+        want, source = np.asarray([prop.height, prop.width]), "the property file"
     else:
-        want, source = sizes.most_common(1)[0][0], "most images"
-    if set(sizes) == {want}:
-        return
-    for o, shape in shaped:
-        if shape != want:
-            j = int(np.searchsorted(off, o))
-            key = int(recs["key"][j])
-            rep.add(
-                "image-size",
-                f"image key {key} is {shape[0]}x{shape[1]}, {source} says {want[0]}x{want[1]}",
-                key,
-                o,
-            )
+        want, source = sizes[order[0]], "most images"
+    for i in np.flatnonzero(ok & (shapes != want).any(axis=1)):
+        key, o = int(keys[j[i]]), int(res_off[i])
+        h, w = shapes[i]
+        rep.add("image-size", f"image key {key} is {h}x{w}, {source} says {want[0]}x{want[1]}", key, o)
 
 
 def _strip_where(reason: str) -> str:

@@ -78,7 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", metavar="DIR", help="dataset folder (train.rec + train.idx), or a .rec / .idx file")
     p.add_argument("--no-decode", action="store_true", help="only read image headers (size/format), do not decode")
     p.add_argument("--max-problems", type=int, default=20, metavar="N", help="problems shown in detail (default 20)")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="decode threads (default: up to 4)")
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="decode threads (default: one per CPU, up to 8)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
