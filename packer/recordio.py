@@ -20,6 +20,9 @@ Where we differ from mxnet 1.9.1 (everything else, the bytes included, is the sa
 - Errors: a damaged file raises :class:`RecordIOError` (a ``ValueError`` and a ``RuntimeError``, so code written for
   mxnet's ``MXNetError(RuntimeError)`` still catches it) whose message names the file and byte offsets. Reading a
   writer or writing a reader raises a ``RuntimeError`` that is also an ``AssertionError`` (mxnet asserts).
+- ``unpack`` of a payload shorter than its header raises :class:`RecordIOError` (mxnet: ``struct.error``, or
+  numpy's ``ValueError`` for missing labels). The reader also rejects parts whose continuation flags are out of
+  order (mxnet joins them blindly).
 - ``read_idx`` of a key whose offset is at or past the end of the file raises :class:`RecordIOError`; mxnet
   returns None. After ``read()`` has returned None at the end of the file, ``seek``/``read_idx`` work again; in
   mxnet they keep returning None until ``reset()`` (a dmlc-core bug: its end-of-stream flag is never cleared).
@@ -32,7 +35,8 @@ Where we differ from mxnet 1.9.1 (everything else, the bytes included, is the sa
 - Extras: ``tell()`` also on readers and on ``MXRecordIO``; context manager; ``write`` accepts any bytes-like
   object; ``uri`` is a ``str`` (mxnet: a ctypes ``c_char_p``) and path-like paths are accepted; blank lines in an
   ``.idx`` are skipped and malformed ones raise :class:`RecordIOError` with the line number; ``IRHeader`` values
-  can be pickled (module attribute ``HEADER``).
+  can be pickled (module attribute ``HEADER``). A reader reads its ``.idx`` at open and closes it (``fidx`` is
+  None; mxnet keeps it open).
 """
 
 from __future__ import annotations
@@ -423,7 +427,7 @@ class MXIndexedRecordIO(MXRecordIO):
             return
         self.fidx = None  # mxnet keeps the index file open while reading; we read it at once and close it
         with open(self.idx_path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")  # as readline: only "\n" ends a line
         key_type, idx, keys = self.key_type, self.idx, self.keys
         for lineno, line in enumerate(lines, 1):
             fields = line.strip().split("\t")
