@@ -283,25 +283,20 @@ def _job_bench_read(job: dict) -> dict:
     return _best_of(read, job.get("repeat", 3))
 
 
-def _job_insightface_read(job: dict) -> dict:
-    """Read a dataset exactly as InsightFace's training code does (arcface_torch ``MXFaceDataset``).
-
-    Also decodes the first ``decode`` images with ``mx.image.imdecode`` (RGB, as training does): per-channel means.
-    """
-    import mxnet as mx
+def read_like_insightface(recordio, idx_path: str, rec_path: str) -> tuple[dict, list[bytes]]:
+    """Read a dataset exactly as InsightFace's training code does (arcface_torch ``MXFaceDataset``), with the
+    given ``recordio`` module (mxnet's or ours): record 0's header gives keys 1..label[0]-1, otherwise all keys;
+    each label is ``label[0]`` when it is a list. Returns a JSON summary and the image bodies."""
     import numpy as np
-    from mxnet import recordio
 
-    rec = recordio.MXIndexedRecordIO(job["idx"], job["rec"], "r")
+    rec = recordio.MXIndexedRecordIO(idx_path, rec_path, "r")
     s = rec.read_idx(0)
     header, _ = recordio.unpack(s)
     if header.flag > 0:  # noqa: SIM108 - written as in arcface_torch
         imgidx = np.array(range(1, int(header.label[0])))
     else:
         imgidx = np.array(list(rec.keys))
-    items = []
-    bodies = []
-    means = []
+    items, bodies = [], []
     for idx in imgidx:  # numpy integers, as in MXFaceDataset.__getitem__
         h, img = recordio.unpack(rec.read_idx(idx))
         label = h.label
@@ -309,11 +304,22 @@ def _job_insightface_read(job: dict) -> dict:
             label = label[0]
         items.append({"key": int(idx), "label": float(label), "header": header_json(h), "body_length": len(img)})
         bodies.append(img)
-        if len(means) < job.get("decode", 0):
-            means.append(mx.image.imdecode(img).asnumpy().reshape(-1, 3).mean(0).tolist())
+    keys = [int(k) for k in rec.keys]
     rec.close()
+    return {"header0": header_json(header), "items": items, "keys": keys}, bodies
+
+
+def _job_insightface_read(job: dict) -> dict:
+    """:func:`read_like_insightface` with mxnet; also decodes the first ``decode`` images with
+    ``mx.image.imdecode`` (RGB, as training does) and returns their per-channel means."""
+    import mxnet as mx
+    from mxnet import recordio
+
+    summary, bodies = read_like_insightface(recordio, job["idx"], job["rec"])
     Path(job["out_blob"]).write_bytes(b"".join(bodies))
-    return {"header0": header_json(header), "items": items, "keys": [int(k) for k in rec.keys], "rgb_means": means}
+    n = job.get("decode", 0)
+    summary["rgb_means"] = [mx.image.imdecode(b).asnumpy().reshape(-1, 3).mean(0).tolist() for b in bodies[:n]]
+    return summary
 
 
 _JOBS = {
