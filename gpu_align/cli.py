@@ -15,5 +15,10 @@ def _registrars():
     return [run.add_parser, demo.add_parser]
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one ``gpu-align`` command line; returns its exit code (what tests call)."""
+    return _run(argv, extra=_registrars())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(_run(argv, extra=_registrars()))
+    sys.exit(run(argv))

@@ -322,6 +322,8 @@ class _PackerProcess:
 
     def abort(self) -> None:
         """Ask the packer to stop and keep its state resumable; wait for it (briefly)."""
+        # Batches still buffered for a packer that stopped reading must not block this process's exit.
+        self.inbox.cancel_join_thread()
         if not self.proc.is_alive():
             return
         with contextlib.suppress(Exception):

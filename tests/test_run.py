@@ -1,0 +1,251 @@
+"""End-to-end ``gpu-align run`` on CPU: real photos with bad files mixed in, read back, resumed, re-packed.
+
+One reference run (module fixture) detects and aligns a small VGGFace2-like folder. The other tests rebuild from
+its ``train.lst`` (landmarks given, so no detection: fast) or rerun pieces of it, and compare bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from gpu_align import photos
+from gpu_align.cli import run as gpu_align_cli
+from gpu_align.pipeline import RunOptions, run
+from packer import recordio
+from packer.cli import run as cli_run
+from tests.badfiles import huge_gradient_jpeg, make_bad_files
+
+OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
+
+
+def _jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    path.write_bytes(buf.tobytes())
+
+
+def _scaled(rgb: np.ndarray, side: int) -> np.ndarray:
+    s = side / max(rgb.shape[:2])
+    return cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """root/<identity>/<image>: 3 face identities, one of only bad files, one whose photos all miss."""
+    root = tmp_path_factory.mktemp("photos")
+    astro, hanks = photos.load_rgb("astronaut"), photos.load_rgb("tom_hanks")
+    a = root / "alice"
+    a.mkdir()
+    for k, side in enumerate((200, 320, 480)):
+        _jpeg(a / f"{k}.jpg", _scaled(astro, side), quality=70 + 10 * k)
+    z = root / "Zoë 日本"  # unicode identity and file names
+    z.mkdir()
+    _jpeg(z / "één.jpg", _scaled(hanks, 300))
+    cv2.imwrite(str(z / "twee.png"), _scaled(hanks, 240)[..., ::-1])  # a PNG
+    (z / "notes.txt").write_text("not a photo")  # left out by the scan, reported
+    g = root / "grey"
+    g.mkdir()
+    cv2.imwrite(str(g / "camera.jpg"), photos.load_rgb("camera")[..., 0])  # grayscale JPEG
+    (g / "huge.jpg").write_bytes(huge_gradient_jpeg(_scaled(photos.load_rgb("camera"), 3000)))
+    bad = make_bad_files(root / "mixed", huge=False)
+    # keep the mixed identity small: the decodable ones are all the same astronaut photo
+    for name in ("progressive_jpeg", "trailing_bytes_jpeg", "png"):
+        bad[name].path.unlink()
+    n = root / "nobody"
+    n.mkdir()
+    for name in ("coffee", "chelsea"):
+        _jpeg(n / f"{name}.jpg", _scaled(photos.load_rgb(name), 300))
+    return root
+
+
+def _opts(src, out, **kw) -> RunOptions:
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("quiet", True)
+    return RunOptions(src=str(src), out=str(out), device="cpu", decoder="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    result = run(_opts(dataset, out))
+    return out, result
+
+
+def _records(out: Path) -> dict[int, tuple[recordio.IRHeader, bytes]]:
+    with recordio.MXIndexedRecordIO(str(out / "train.idx"), str(out / "train.rec"), "r") as r:
+        return {k: recordio.unpack(r.read_idx(k)) for k in r.keys}
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    for name in OUTPUTS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_end_to_end_outputs(reference, dataset):
+    out, result = reference
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    recs = _records(out)
+    header = recs[0][0]
+    n_img = int(header.label[0]) - 1
+    identities = range(int(header.label[0]), int(header.label[1]))
+    assert report["counts"]["images"] == n_img == result.found
+    assert (out / "property").read_text().strip() == f"{len(identities)},112,112"
+    # sorted identities: Zoë 2, alice 3, grey 2 (grayscale + huge), mixed: the decodable astronaut variants;
+    # nobody: no label
+    ranges = [tuple(int(x) for x in recs[k][0].label) for k in identities]
+    sizes = [e - s for s, e in ranges]
+    assert sizes[:3] == [2, 3, 2] and len(sizes) == 4 and sizes[3] >= 5, sizes
+    for label, (s, e) in enumerate(ranges):
+        for key in range(s, e):
+            h, body = recs[key]
+            assert h.flag == 0 and h.label == label and h.id == key
+            img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+            assert img.shape == (112, 112, 3)
+    # every bad file is in the report with its reason; the all-miss identity's photos as "no face"
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert reasons["zero_byte.jpg"].startswith("empty file")
+    assert reasons["truncated.jpg"].startswith("truncated")
+    assert reasons["notes.jpg"].startswith("not an image")
+    assert reasons["corrupt.jpg"].startswith("corrupt")
+    assert reasons["bomb.jpg"].startswith("too large")
+    assert reasons["coffee.jpg"].startswith("no face") and reasons["chelsea.jpg"].startswith("no face")
+    scan_skipped = {Path(s["path"]).name for s in report["extra"]["run"]["scan_skipped"]}
+    assert {"notes.txt", "animation.gif", "dangling_link.jpg"} <= scan_skipped
+    assert report["counts"]["inputs"] == n_img + len(report["skipped"])
+    # train.lst: one face2rec2 line per record, source photo, box and 10 landmarks
+    lines = (out / "train.lst").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == n_img
+    f = lines[0].split("\t")
+    assert f[0] == "0" and Path(f[1]).is_file() and len(f) == 17
+    assert (dataset / "Zoë 日本" / "twee.png").samefile(f[1])  # str order: "twee" < "één"
+    assert cli_run(["verify", str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_aligned_crop_is_the_face(reference):
+    """The stored crop of the astronaut lines up with the ArcFace template: eyes where the template puts them."""
+    out, _ = reference
+    recs = _records(out)
+    first_alice = int(recs[int(recs[0][0].label[0]) + 1][0].label[0])  # identity record of label 1
+    body = recs[first_alice][1]
+    crop = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]  # stored RGB-correct
+    from gpu_align import FaceAligner
+
+    res = FaceAligner(min_face_rel=0.0).align([np.ascontiguousarray(crop)])
+    assert bool(res.found[0])
+    lm = res.landmarks[0].numpy()
+    template = np.array([[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]])
+    # eyes and nose within 4.5 px (re-detecting on a tight 112 px crop is less precise, mouth corners most)
+    assert np.abs(lm[:3] - template[:3]).max() < 4.5, lm
+    # RGB order: the astronaut's face is skin-toned (red > blue) in the stored JPEG
+    centre = crop[45:90, 35:77].reshape(-1, 3).mean(0)
+    assert centre[0] > centre[2] + 20
+
+
+def test_refuses_non_empty_out_dir(tmp_path, dataset):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something.txt").write_text("mine")
+    assert gpu_align_cli(["run", str(dataset), "--out", str(out), "--device", "cpu", "-q"]) == 2
+    assert (out / "something.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_lst_round_trip_rebuilds_identical_dataset(reference, tmp_path):
+    """train.lst holds the landmarks: running on it (no detection) rebuilds byte-identical records."""
+    out, _ = reference
+    again = tmp_path / "again"
+    res = run(_opts(out / "train.lst", again))
+    assert res.found == int(_records(out)[0][0].label[0]) - 1
+    _same_outputs(out, again)  # identical records (JPEG bytes), index, train.lst and property
+
+
+def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpu_align", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=e,
+        start_new_session=True,  # its own process group: signals reach the packer process too, as from a terminal
+        **kw,
+    )
+
+
+def _wait_for_progress(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    state = out / "pack.state.json"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before it could be interrupted: {proc.communicate()}")
+        try:
+            if json.loads(state.read_text())["done"] >= at_least:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("no progress")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_run_resumes_to_identical_output(reference, tmp_path, sig):
+    """kill -9 (the machine dies) or Ctrl-C mid-run, then --resume: the same bytes as an uninterrupted run."""
+    ref_out, _ = reference
+    src = ref_out / "train.lst"  # rebuilds ref_out's outputs exactly (test_lst_round_trip...)
+    out = tmp_path / "out"
+    args = ["run", str(src), "--out", str(out), "--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
+    proc = _cli(*args, env={"GPU_ALIGN_TEST_SLOW_WRITE": "0.05"})
+    _wait_for_progress(out, proc, at_least=4)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, err
+        assert b"--resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not (out / "report.json").exists()
+    done = json.loads((out / "pack.state.json").read_text())["done"]
+    assert 0 < done < 20
+    proc = _cli(*args, "--resume")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    _same_outputs(ref_out, out)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["extra"]["run"]["this_invocation"]["resumed_at"] == done
+
+
+@pytest.mark.slow
+def test_write_error_is_one_line_and_resumable(reference, tmp_path):
+    """A write failure (file size limit standing in for a full disk) stops with one clear line; --resume finishes."""
+    ref_out, _ = reference
+    src = ref_out / "train.lst"
+    out = tmp_path / "out"
+    args = ["run", str(src), "--out", str(out), "--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
+
+    def limit_file_size():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    proc = _cli(*args, preexec_fn=limit_file_size)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "File too large" in lines[0] and "--resume" in lines[0], lines
+    proc = _cli(*args, "--resume")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    _same_outputs(ref_out, out)
