@@ -236,10 +236,42 @@ class DatasetWriter:
         self._closed = False
         self._last_commit = time.monotonic()
         self.done = 0
-        self._open(resume=resume, overwrite=overwrite)
+        self._lock_fd: int | None = None
+        self._lock()
+        try:
+            self._open(resume=resume, overwrite=overwrite)
+        except BaseException:
+            self._unlock()
+            raise
         self.done = self._resumed_from = self._inputs
 
     # ------------------------------------------------------------------------------------------ opening
+
+    def _lock(self) -> None:
+        """One writer per folder: an exclusive ``flock`` on the folder itself, released by the kernel if we die."""
+        if not self.out_dir.exists():
+            self.out_dir.mkdir(parents=True)
+        elif not self.out_dir.is_dir():
+            raise UserError(f"{self.out_dir} exists and is not a folder")
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        fd = os.open(self.out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(
+                f"{self.out_dir} is being written by another gpu-align process; wait for it to finish (or stop it) "
+                "and then rerun with --resume"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def _partial(self, key: str) -> Path:
         return self.out_dir / (_STREAM[key] + _PARTIAL)
@@ -518,6 +550,7 @@ class DatasetWriter:
                 self._finalize(report_extra)
             self._rename_outputs()
         self._closed = True
+        self._unlock()
         report = json.loads((self.out_dir / REPORT_NAME).read_bytes())
         counts = report["counts"]
         return WriteSummary(
@@ -678,6 +711,7 @@ class DatasetWriter:
         finally:
             self._close_handles()
             self._closed = True
+            self._unlock()
 
     def __enter__(self) -> DatasetWriter:
         return self

@@ -161,6 +161,19 @@ def test_identity_appearing_again_is_an_error(tmp_path, crops):
         w.abort()
 
 
+def test_one_writer_per_folder(tmp_path, crops):
+    """A second writer (another process, or this one) on a folder being written is refused, not interleaved."""
+    d = tmp_path / "o"
+    w = DatasetWriter(d)
+    w.add(PackItem("a", crops[0]))
+    w.add(PackItem("b", crops[1]))  # identity "a" is finished: kept by abort()
+    with pytest.raises(UserError, match="being written by another gpu-align process"):
+        DatasetWriter(d, resume=True)
+    w.abort()  # releases the folder
+    with DatasetWriter(d, resume=True) as again:
+        assert again.done == 1
+
+
 def test_refuses_non_empty_dir_and_finished_dir(tmp_path, crops):
     d = tmp_path / "o"
     d.mkdir()
