@@ -11,7 +11,9 @@ from packer.cli import run as _run
 def _registrars():
     # Imported here so that `gpu-align verify ...` does not pay for importing torch.
     from gpu_align.commands import demo, run
+    from packer.commands import pack
 
+    pack.ALIGNER = run.pack_photos  # `gpu-align pack` of photos (aligned=0 lines) aligns them
     return [run.add_parser, demo.add_parser]
 
 

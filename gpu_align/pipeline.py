@@ -49,6 +49,7 @@ class RunOptions:
 
     src: str
     out: str
+    lst_root: str | None = None  # folder that relative .lst paths start from (default: the .lst's)
     device: str = "auto"
     decoder: str = "auto"
     batch_size: int | None = None  # default: 256 on CUDA, 32 on CPU
@@ -395,7 +396,9 @@ def run(opts: RunOptions) -> RunResult:
     if not 1 <= opts.quality <= 100:
         raise UserError(f"--quality must be in 1..100, got {opts.quality}")
     times = StageTimes()
-    source = scan_source(opts.src, min_images=opts.min_images, shard=opts.shard, limit=opts.limit)
+    source = scan_source(
+        opts.src, min_images=opts.min_images, shard=opts.shard, limit=opts.limit, lst_root=opts.lst_root
+    )
     times.scan = time.perf_counter() - t_start
     items = source.items
     packer = _PackerProcess(opts, source)

@@ -89,8 +89,8 @@ def _from_folder(root: str, min_images: int) -> Source:
     return src
 
 
-def _from_lst(path: str) -> Source:
-    base = Path(path).resolve().parent
+def _from_lst(path: str, root: str | None) -> Source:
+    base = Path(root).resolve() if root else Path(path).resolve().parent
     src = Source("lst", str(Path(path).resolve()))
     for k, e in enumerate(read_lst(path)):
         p = e.path if os.path.isabs(e.path) else str(base / e.path)
@@ -102,7 +102,12 @@ def _from_lst(path: str) -> Source:
 
 
 def scan_source(
-    src: str | os.PathLike, *, min_images: int = 1, shard: tuple[int, int] | None = None, limit: int | None = None
+    src: str | os.PathLike,
+    *,
+    min_images: int = 1,
+    shard: tuple[int, int] | None = None,
+    limit: int | None = None,
+    lst_root: str | os.PathLike | None = None,
 ) -> Source:
     """List the inputs of a run, in the order they are packed.
 
@@ -112,11 +117,12 @@ def scan_source(
             by the writer).
         shard: ``(i, n)``: keep only this shard's identities (see the module docstring).
         limit: keep only the first ``limit`` inputs (a quick trial run).
+        lst_root: folder that a ``.lst``'s relative paths start from (default: the ``.lst``'s folder).
     """
     s = os.fspath(src)
     if not os.path.exists(s):
         raise UserError(f"{s}: no such folder or .lst file")
-    source = _from_folder(s, min_images) if os.path.isdir(s) else _from_lst(s)
+    source = _from_folder(s, min_images) if os.path.isdir(s) else _from_lst(s, lst_root and os.fspath(lst_root))
     if shard is not None:
         groups: list[str] = []
         counts: list[int] = []

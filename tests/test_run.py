@@ -163,12 +163,23 @@ def test_refuses_non_empty_out_dir(tmp_path, dataset):
 
 @pytest.mark.slow
 def test_lst_round_trip_rebuilds_identical_dataset(reference, tmp_path):
-    """train.lst holds the landmarks: running on it (no detection) rebuilds byte-identical records."""
+    """train.lst holds the landmarks: `gpu-align pack train.lst` (no detection) rebuilds byte-identical files."""
     out, _ = reference
     again = tmp_path / "again"
-    res = run(_opts(out / "train.lst", again))
-    assert res.found == int(_records(out)[0][0].label[0]) - 1
+    assert gpu_align_cli(["pack", str(out / "train.lst"), "--out", str(again), "-q"]) == 0
     _same_outputs(out, again)  # identical records (JPEG bytes), index, train.lst and property
+    report = json.loads((again / "report.json").read_text(encoding="utf-8"))
+    assert report["extra"]["run"]["this_invocation"]["found"] == report["counts"]["images"]
+
+
+@pytest.mark.slow
+def test_pack_refuses_a_lst_mixing_crops_and_photos(reference, tmp_path):
+    out, _ = reference
+    lines = (out / "train.lst").read_text(encoding="utf-8").splitlines()
+    mixed = tmp_path / "mixed.lst"
+    mixed.write_text("\n".join(["1" + lines[0][1:], *lines[1:]]) + "\n", encoding="utf-8")
+    assert gpu_align_cli(["pack", str(mixed), "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert not (tmp_path / "o").exists()
 
 
 def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:

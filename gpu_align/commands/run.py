@@ -112,10 +112,55 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from gpu_align.pipeline import RunOptions, run
-    from gpu_align.scan import parse_shard
+def pack_photos(args: argparse.Namespace) -> int:
+    """``gpu-align pack LST`` where every line is a photo (aligned=0): align them, as ``run LST`` would.
+
+    Lines with landmarks (a ``train.lst`` written by ``run``) are warped with them, the others are detected.
+    """
+    from gpu_align.pipeline import RunOptions
+
+    h, w = args.image_size
+    if h != w:
+        raise UserError(f"--image-size {h},{w}: aligned crops are square (112·k or 128·k)")
+    opts = RunOptions(
+        src=args.lst,
+        out=args.out,
+        lst_root=args.root,
+        layout=args.layout,
+        label_style=args.label_style,
+        image_size=h,
+        min_images=args.min_images,
+        shuffle=args.shuffle,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        quiet=args.quiet,
+    )
+    return _execute(opts)
+
+
+def _execute(opts) -> int:
+    from gpu_align.pipeline import run
     from gpu_align.summary import print_summary
+
+    try:
+        result = run(opts)
+    except KeyboardInterrupt:
+        again = [a for a in sys.argv[1:] if a != "--overwrite"]
+        again += [] if "--resume" in again else ["--resume"]
+        print(
+            "\ngpu-align: stopped; everything aligned so far is kept. To continue, run:\n  "
+            + shlex.join(["gpu-align", *again]),
+            file=sys.stderr,
+        )
+        raise
+    print_summary(result, file=sys.stdout)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gpu_align.pipeline import RunOptions
+    from gpu_align.scan import parse_shard
 
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
@@ -143,16 +188,4 @@ def _run(args: argparse.Namespace) -> int:
         fp16=args.fp16,
         quiet=args.quiet,
     )
-    try:
-        result = run(opts)
-    except KeyboardInterrupt:
-        again = [a for a in sys.argv[1:] if a != "--overwrite"]
-        again += [] if "--resume" in again else ["--resume"]
-        print(
-            "\ngpu-align: stopped; everything aligned so far is kept. To continue, run:\n  "
-            + shlex.join(["gpu-align", *again]),
-            file=sys.stderr,
-        )
-        raise
-    print_summary(result, file=sys.stdout)
-    return 0
+    return _execute(opts)
