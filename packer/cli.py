@@ -20,7 +20,11 @@ PACKER_COMMANDS = ("lst", "pack", "unpack", "inspect", "verify", "reindex", "mer
 Registrar = Callable[[argparse._SubParsersAction], None]
 
 
-def build_parser(extra: Sequence[Registrar] = (), prog: str = "gpu-align") -> argparse.ArgumentParser:
+def build_parser(
+    extra: Sequence[Registrar] = (), prog: str = "gpu-align", defaults: dict | None = None
+) -> argparse.ArgumentParser:
+    """The ``gpu-align`` parser: ``extra`` registrars first, then the packer's commands; ``defaults`` become
+    attributes of every command's arguments (how ``gpu_align`` hands ``pack`` its aligner without an import)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Face photo folders to training-ready InsightFace RecordIO datasets "
@@ -32,12 +36,18 @@ def build_parser(extra: Sequence[Registrar] = (), prog: str = "gpu-align") -> ar
         register(sub)
     for name in PACKER_COMMANDS:
         importlib.import_module(f"packer.commands.{name}").add_parser(sub)
+    parser.set_defaults(**(defaults or {}))
     return parser
 
 
-def run(argv: Sequence[str] | None = None, extra: Sequence[Registrar] = (), prog: str = "gpu-align") -> int:
+def run(
+    argv: Sequence[str] | None = None,
+    extra: Sequence[Registrar] = (),
+    prog: str = "gpu-align",
+    defaults: dict | None = None,
+) -> int:
     """Parse ``argv`` and run the command; user-facing failures become one ``error:`` line and exit code 2."""
-    args = build_parser(extra, prog).parse_args(argv)
+    args = build_parser(extra, prog, defaults).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (UserError, RecordIOError) as e:

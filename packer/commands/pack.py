@@ -123,11 +123,6 @@ def _print_summary(s: WriteSummary, quiet: bool) -> None:
     print(msg)
 
 
-# Packs a .lst of aligned=0 lines (photos) by aligning them: set by `gpu_align.cli` (it needs torch, which the
-# packer does not import). Without it (`python -m packer pack`), such lines are skipped and reported.
-ALIGNER: Callable[[argparse.Namespace], int] | None = None
-
-
 def _run(args: argparse.Namespace) -> int:
     lst_path = args.lst
     if args.threads < 1:
@@ -144,14 +139,17 @@ def _run(args: argparse.Namespace) -> int:
                 unaligned.append(e.path)
     if not total:
         raise UserError(f"{lst_path}: no entries")
-    if n_unaligned and ALIGNER is not None:
+    # `gpu-align` hands over its aligner as args.aligner (it needs torch, which the packer does not import);
+    # without one (`python -m packer pack`), aligned=0 lines are skipped and reported.
+    aligner: Callable[[argparse.Namespace], int] | None = getattr(args, "aligner", None)
+    if n_unaligned and aligner is not None:
         if n_unaligned < total:
             raise UserError(
                 f"{lst_path} mixes {total - n_unaligned} aligned crops (aligned=1) with {n_unaligned} photos that need "
                 f"alignment (aligned=0, e.g. {unaligned[0]}); pack each kind into its own dataset (split the .lst "
                 "on its first field) and join them with `gpu-align merge`"
             )
-        return ALIGNER(args)  # photos: detect (or use the line's landmarks), align, encode, pack
+        return aligner(args)  # photos: detect (or use the line's landmarks), align, encode, pack
     root = os.path.abspath(args.root if args.root is not None else os.path.dirname(os.path.abspath(lst_path)))
     config = {"command": "pack", "lst_sha256": _sha256(lst_path), "root": root}
     try:
