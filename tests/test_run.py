@@ -69,9 +69,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _opts(src, out, **kw) -> RunOptions:
-    kw.setdefault("batch_size", 4)
-    kw.setdefault("quiet", True)
-    return RunOptions(src=str(src), out=str(out), device="cpu", decoder="cpu", **kw)
+    kw = {"batch_size": 4, "quiet": True, "device": "cpu", "decoder": "cpu", **kw}
+    return RunOptions(src=str(src), out=str(out), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +259,35 @@ def test_write_error_is_one_line_and_resumable(reference, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     _same_outputs(ref_out, out)
+
+
+@pytest.mark.slow
+def test_flat_layout_with_dali_decoder_reads_back_in_dali(reference, tmp_path):
+    """The DALI decode stage (CPU pipeline here) feeds a flat, shuffled dataset that DALI's mxnet reader reads."""
+    dali = pytest.importorskip("nvidia.dali")
+    fn = pytest.importorskip("nvidia.dali.fn")
+    ref_out, _ = reference
+    out = tmp_path / "flat"
+    run(_opts(ref_out / "train.lst", out, decoder="dali", layout="flat", shuffle=5))
+    ref_label = {}  # source photo -> (label, decoded crop) in the reference dataset
+    ref_recs = _records(ref_out)
+    for key, line in enumerate((ref_out / "train.lst").read_text(encoding="utf-8").splitlines(), start=1):
+        h, body = ref_recs[key]
+        ref_label[line.split("\t")[1]] = (int(h.label), cv2.imdecode(np.frombuffer(body, np.uint8), 1))
+    paths = [line.split("\t")[1] for line in (out / "train.lst").read_text(encoding="utf-8").splitlines()]
+    assert sorted(paths) == sorted(ref_label) and paths != list(ref_label)  # the same photos, shuffled
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        jpegs, labels = fn.readers.mxnet(path=[str(out / "train.rec")], index_path=[str(out / "train.idx")])
+        return fn.decoders.image(jpegs, device="cpu", output_type=dali.types.BGR), labels
+
+    p = pipe()
+    p.build()
+    for path in paths:  # file order = train.lst order
+        img, label = (np.asarray(o.at(0)) for o in p.run())
+        want_label, want_img = ref_label[path]
+        assert label.tolist() == [float(want_label)]
+        assert img.shape == (112, 112, 3)
+        # same landmarks, decoded by DALI instead of simplejpeg: nearly the same crop
+        assert np.abs(img.astype(int) - want_img.astype(int)).mean() < 2.0
