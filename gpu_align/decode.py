@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -420,6 +421,9 @@ def dali_available() -> bool:
     return True
 
 
+_DALI_ONLY = frozenset({"hw_decoder_load", "preallocate_width_hint", "preallocate_height_hint"})
+
+
 def make_decoder(
     kind: str = "auto",
     device: str | torch.device = "cpu",
@@ -438,24 +442,34 @@ def make_decoder(
     ``threads``: decoding threads (default: the usable cores). ``max_pixels``: larger images are rejected
     ("too large") from their header, before decoding. ``options``: ``max_batch_pixels``, ``prefetch``, and for
     DALI ``hw_decoder_load``, ``preallocate_width_hint``, ``preallocate_height_hint``.
-    Raises :class:`UserError` for an unknown kind, a CUDA device without CUDA, or ``kind="dali"`` without DALI.
+    Raises :class:`UserError` for an unknown kind, a CUDA device without CUDA, or ``kind="dali"`` without a
+    working DALI; with ``"auto"`` a DALI that fails to start (e.g. built for another CUDA) falls back to the CPU
+    decoder with a warning.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for, but torch sees no CUDA device")
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"decode device must be 'cpu' or 'cuda', got {device!r}")
-    if kind == "auto":
+    auto = kind == "auto"
+    if auto:
         kind = "dali" if dev.type == "cuda" and dali_available() else "cpu"
     common = dict(device=dev, threads=threads, batch_size=batch_size, max_pixels=max_pixels)
-    if kind == "cpu":
-        from gpu_align.decode_cpu import CpuDecoder
-
-        return CpuDecoder(**common, **options)
     if kind == "dali":
         if not dali_available():
             raise UserError("decoder 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or use --decoder cpu)")
         from gpu_align.decode_dali import DaliDecoder
 
-        return DaliDecoder(**common, **options)
+        try:
+            return DaliDecoder(**common, **options)
+        except RuntimeError as e:  # e.g. a DALI wheel built for another CUDA major version than the driver's
+            if not auto:
+                raise UserError(f"DALI could not start on {dev}: {str(e).strip().splitlines()[0]}") from None
+            warnings.warn(f"DALI could not start on {dev} ({e}); decoding on the CPU instead", stacklevel=2)
+            kind = "cpu"
+    if kind == "cpu":
+        from gpu_align.decode_cpu import CpuDecoder
+
+        # DALI tuning options are accepted and ignored here, so callers can pass them whatever "auto" picks
+        return CpuDecoder(**common, **{k: v for k, v in options.items() if k not in _DALI_ONLY})
     raise UserError(f"unknown decoder {kind!r}; choose auto, dali or cpu")
