@@ -13,16 +13,12 @@ Rows (best of --repeat, same payloads, same run):
   read (sequential)     MXRecordIO.read until the end, ours
   DatasetWriter.add     packer.layout.DatasetWriter, insightface layout, 20 images per identity, incl. close()
 
-Usage: python benchmarks/bench_packer.py [--n 20000] [--repeat 3] [--no-mxnet] [--write-results]
+Usage: python -m benchmarks.bench_packer [--n 20000] [--repeat 3] [--no-mxnet] [--write-results]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -34,12 +30,9 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from benchmarks.common import RESULTS, ROOT, machine, write_section
 from gpu_align import photos
 from packer import recordio
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-SECTION = "## Packer"
 
 
 def make_jpegs(n: int, seed: int = 0, quality: int = 95) -> list[bytes]:
@@ -72,16 +65,6 @@ def best_of(fn: Callable[[], object], repeat: int) -> Timing:
         fn()
         wall, cpu = min(wall, time.perf_counter() - w), min(cpu, time.process_time() - c)
     return Timing(wall, cpu)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ratio(a: Timing, b: Timing) -> str:
@@ -189,14 +172,6 @@ def run(args) -> tuple[list[tuple[str, Timing, str]], dict]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def machine() -> str:
-    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    return (
-        f"{cpu_model()}, {os.cpu_count()} cores{load}; Python {platform.python_version()}, numpy {np.__version__}, "
-        f"OpenCV {cv2.__version__}; {datetime.date.today().isoformat()}"
-    )
-
-
 def table(rows, info) -> str:
     mean, p5, p95 = info["kb"]
     lines = [
@@ -213,17 +188,6 @@ def table(rows, info) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    """Replace (or append) the Packer section of benchmarks/RESULTS.md, leaving the other sections alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{SECTION}\n\n{text}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = (
-        pattern.sub(lambda _: section + "\n", old, count=1) if pattern.search(old) else old.rstrip() + "\n\n" + section
-    )
-    RESULTS.write_text(new.rstrip() + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="number of records (default 20000)")
@@ -233,7 +197,7 @@ def main() -> None:
     ap.add_argument("--write-results", action="store_true", help="update the Packer section of benchmarks/RESULTS.md")
     args = ap.parse_args()
     rows, info = run(args)
-    command = f"python benchmarks/bench_packer.py --n {args.n} --repeat {args.repeat}"
+    command = f"python -m benchmarks.bench_packer --n {args.n} --repeat {args.repeat}"
     targets = (
         "Targets: `pack + write_idx` ≥ 0.5× the plain write of the same bytes; our `write_idx` ≥ 1.0× mxnet's. "
         "Our reader and writer also produce and accept the same bytes as mxnet's (tests/test_recordio_mxnet.py)."
@@ -241,7 +205,7 @@ def main() -> None:
     text = f"Machine: {machine()}.\n\n{table(rows, info)}\n\n{targets}\n\nCommand: `{command}`."
     print(text)
     if args.write_results:
-        write_results(text)
+        write_section("Packer", text)
         print(f"\nupdated {RESULTS.relative_to(ROOT)}")
 
 

@@ -36,7 +36,7 @@ from gpu_align.scan import InputItem, Source, scan_source
 from gpu_align.warp import arcface_template, invert_affine, transform_points
 from packer.errors import UserError
 from packer.lst import LstEntry
-from packer.process import CropBatch, ItemMeta, packer_main
+from packer.process import CropBatch, ItemMeta, packer_main, peak_rss_mb
 
 __all__ = ["RunOptions", "RunResult", "run"]
 
@@ -450,6 +450,7 @@ def run(opts: RunOptions) -> RunResult:
                     "seconds": round(seconds, 3),
                     "images_per_second": round(processed / seconds, 1) if seconds > 0 else None,
                     "stage_seconds": {k: round(v, 3) for k, v in asdict(times).items()},
+                    "peak_rss_mb": peak_rss_mb(),
                 },
             }
         }

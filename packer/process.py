@@ -30,7 +30,7 @@ from packer.layout import DatasetWriter, PackItem
 from packer.lst import LstEntry
 from packer.recordio import RecordIOError
 
-__all__ = ["CropBatch", "ItemMeta", "encode_jpeg", "packer_main"]
+__all__ = ["CropBatch", "ItemMeta", "encode_jpeg", "packer_main", "peak_rss_mb"]
 
 _POLL_S = 1.0  # how often an idle packer checks that its parent is still alive
 
@@ -95,6 +95,15 @@ def _save_crop(root: Path, meta: ItemMeta, body: bytes) -> None:
     os.replace(tmp, path)
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
 def _parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
@@ -139,6 +148,7 @@ def packer_main(
             if kind == "end":
                 extra = dict(payload or {})
                 extra["packer"] = {k: round(v, 3) for k, v in vars(stats).items() if k.endswith("_s")}
+                extra["packer"]["peak_rss_mb"] = peak_rss_mb()
                 t0 = time.perf_counter()
                 summary = writer.close(report_extra=extra)
                 stats.write_s += time.perf_counter() - t0
