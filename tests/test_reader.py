@@ -148,6 +148,11 @@ def test_reader_errors(tmp_path, ids):
     (ds / "train.idx").write_bytes(idx + b"oops\n")
     with pytest.raises(UserError, match=r"train.idx:15: expected 'key<TAB>offset'"):
         read_index(ds / "train.idx")
+    with pytest.raises(UserError, match=r"train.idx:15: expected 'key<TAB>offset'"):
+        DatasetReader(ds)  # the vectorised parser falls back to the line parser for the message
+    (ds / "train.idx").write_bytes(b"\n" + idx.replace(b"\n", b"\n\n", 3))  # blank lines are fine
+    with DatasetReader(ds) as r:
+        assert r.keys == list(range(14))
 
     (ds / "train.idx").write_bytes(idx)
     (ds / "train.rec").write_bytes(b"PK\x03\x04 this is a zip file" + bytes(200))
