@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from gpu_align import photos
+from tests import mxnet_env
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,3 +51,14 @@ def load_photo():
         return photos.load_rgb(name)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def mxnet_python() -> Path:
+    """Python of the reference mxnet 1.9.1 venv (built once, cached); a failure to build it fails the test."""
+    if os.environ.get(mxnet_env.SKIP_ENV) == "1":
+        pytest.skip(f"{mxnet_env.SKIP_ENV}=1: mxnet cross-checks skipped on request")
+    try:
+        return mxnet_env.mxnet_python()
+    except mxnet_env.MxnetUnavailable as e:
+        pytest.fail(f"cannot build the reference mxnet venv: {e}", pytrace=False)

@@ -9,7 +9,6 @@ unless GPU_ALIGN_SKIP_MXNET=1 is set.
 from __future__ import annotations
 
 import numbers
-import os
 from pathlib import Path
 
 import cv2
@@ -23,16 +22,6 @@ from packer.recordio import MAGIC, IRHeader, MXIndexedRecordIO, MXRecordIO
 pytestmark = pytest.mark.mxnet
 
 M = MAGIC.to_bytes(4, "little")
-
-
-@pytest.fixture(scope="module")
-def mxnet_python() -> Path:
-    if os.environ.get(mxnet_env.SKIP_ENV) == "1":
-        pytest.skip(f"{mxnet_env.SKIP_ENV}=1: mxnet cross-checks skipped on request")
-    try:
-        return mxnet_env.mxnet_python()
-    except mxnet_env.MxnetUnavailable as e:
-        pytest.fail(f"cannot build the reference mxnet venv: {e}", pytrace=False)
 
 
 @pytest.mark.slow

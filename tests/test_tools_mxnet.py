@@ -3,9 +3,6 @@ exactly as InsightFace's training code does (key 0 header, then keys 1..N; flat:
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import mxnet_env
 import pytest
 import tools_fixtures as tf
@@ -14,16 +11,6 @@ from packer.cli import run
 from packer.reader import DatasetReader
 
 pytestmark = pytest.mark.mxnet
-
-
-@pytest.fixture(scope="module")
-def mxnet_python() -> Path:
-    if os.environ.get(mxnet_env.SKIP_ENV) == "1":
-        pytest.skip(f"{mxnet_env.SKIP_ENV}=1: mxnet cross-checks skipped on request")
-    try:
-        return mxnet_env.mxnet_python()
-    except mxnet_env.MxnetUnavailable as e:
-        pytest.fail(f"cannot build the reference mxnet venv: {e}", pytrace=False)
 
 
 def test_mxnet_reads_merged_flat_and_repaired_datasets(mxnet_python, tmp_path):
