@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 from abc import ABC, abstractmethod
@@ -226,6 +227,8 @@ def _probe_pillow(data: bytes, fmt: str) -> ImageInfo:
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as im:
             width, height = im.size
+    except Image.DecompressionBombError as e:
+        raise DecodeError(TOO_LARGE, str(e)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error) as e:
         raise DecodeError(CORRUPT, f"{fmt} header: {e}") from None
     return ImageInfo(fmt, width, height)
@@ -259,11 +262,13 @@ def read_file(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) 
     # No supported format stores more than ~4 bytes per pixel (BMP/PNG worst case), so a bigger file is a bomb too.
     max_bytes = 4 * max_pixels + (1 << 20)
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO blocks, reading a device never ends
+            raise DecodeError(UNREADABLE, "not a regular file")
+        if st.st_size > max_bytes:
+            raise DecodeError(TOO_LARGE, f"file is {st.st_size / 2**20:.0f} MiB")
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                raise DecodeError(TOO_LARGE, f"file is {size / 2**20:.0f} MiB")
-            return f.read()
+            return f.read(max_bytes + 1)
     except OSError as e:
         raise DecodeError(UNREADABLE, e.strerror or type(e).__name__) from None
 

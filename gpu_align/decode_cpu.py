@@ -11,7 +11,7 @@ import io
 import numpy as np
 import torch
 
-from gpu_align.decode import CORRUPT, DecodeError, Decoder, ImageInfo, Loaded, probe_image
+from gpu_align.decode import CORRUPT, TOO_LARGE, DecodeError, Decoder, ImageInfo, Loaded, probe_image
 
 
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
@@ -49,6 +49,8 @@ def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
                 grey = (np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8)
                 return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
             return np.array(im.convert("RGB"))  # writable (np.asarray of a Pillow image is read-only)
+    except Image.DecompressionBombError as e:  # only when max_pixels is set above Pillow's own limit
+        raise DecodeError(TOO_LARGE, str(e)) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DecodeError(CORRUPT, f"{fmt}: {e}") from None
 

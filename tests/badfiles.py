@@ -77,8 +77,12 @@ def huge_gradient_jpeg(face: np.ndarray, shape: tuple[int, int] = HUGE) -> bytes
     return _jpeg(img, quality=85)
 
 
-def make_bad_files(dir: str | os.PathLike, *, huge: bool = True) -> dict[str, BadFile]:
-    """Write the edge-case files into ``dir`` (created if needed); ``huge=False`` skips the 24 MP JPEG."""
+def make_bad_files(dir: str | os.PathLike, *, huge: bool = True, fifo: bool = False) -> dict[str, BadFile]:
+    """Write the edge-case files into ``dir`` (created if needed); ``huge=False`` skips the 24 MP JPEG.
+
+    ``fifo=True`` adds a named pipe called ``named_pipe.jpg`` (off by default: copying the folder with
+    ``shutil.copytree`` or reading every file would block on it).
+    """
     d = Path(dir)
     d.mkdir(parents=True, exist_ok=True)
     face = photos.load_rgb("astronaut")  # (512, 512, 3)
@@ -108,6 +112,12 @@ def make_bad_files(dir: str | os.PathLike, *, huge: bool = True) -> dict[str, Ba
         link.unlink()
     link.symlink_to(missing)
     out["dangling_link"] = BadFile(link, "unreadable")
+
+    if fifo:  # opening a FIFO blocks until a writer comes: it must be rejected unopened
+        pipe = d / "named_pipe.jpg"
+        if not pipe.exists():
+            os.mkfifo(pipe)
+        out["fifo"] = BadFile(pipe, "unreadable")
 
     put("png", "face.png", _pil_bytes(Image.fromarray(face), "PNG"), "ok")
     put("png_named_jpg", "really_a_png.jpg", _pil_bytes(Image.fromarray(face), "PNG"), "ok")

@@ -31,7 +31,7 @@ BACKENDS = ["cpu", pytest.param("dali", marks=[needs_dali, pytest.mark.dali])]
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
-    return make_bad_files(tmp_path_factory.mktemp("bad"))
+    return make_bad_files(tmp_path_factory.mktemp("bad"), fifo=True)
 
 
 @pytest.fixture(scope="module")

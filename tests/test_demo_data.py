@@ -75,7 +75,6 @@ def _iou(a, b):
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-@pytest.mark.slow
 def test_mtcnn_finds_the_identity_face(demo):
     """Every real face source, each in its smallest demo image (keeps MTCNN on CPU fast): the most confident
     detection is the pasted face (IoU with the recorded box), EXIF orientation applied by the decoder."""
