@@ -306,7 +306,8 @@ def test_make_decoder_choices():
 @pytest.mark.dali
 def test_gpu_decode_matches_cpu_decode(variety, bad_files, oriented_files):
     """DALI's mixed (GPU) decoder vs the CPU decoder: same outcomes, shapes and orientation; pixels within
-    nvJPEG/hardware-decoder IDCT rounding (fancy upsampling on)."""
+    nvJPEG / hardware-decoder IDCT rounding (fancy upsampling on): mean difference < 1 grey level and under 0.1 %
+    of the values off by more than 8. (Not yet run on a GPU: adjust the bounds to what a GPU shows.)"""
     paths = list(variety) + [f.path for f in bad_files.values()] + list(oriented_files.values())
     with make_decoder("auto", device="cuda") as gpu, make_decoder("cpu") as cpu:
         assert gpu.name == "dali-mixed"
@@ -315,5 +316,5 @@ def test_gpu_decode_matches_cpu_decode(variety, bad_files, oriented_files):
     assert [(i, failure_category(r)) for i, _, r in g.failures] == [(i, failure_category(r)) for i, _, r in c.failures]
     for x, y in zip(g.images, c.images, strict=True):
         assert x.is_cuda and x.shape == y.shape
-        diff = (x.cpu().int() - y.int()).abs()
-        assert diff.float().mean() < 0.5 and diff.max() <= 8
+        diff = (x.cpu().int() - y.int()).abs().float()
+        assert diff.mean() < 1.0 and (diff > 8).float().mean() < 1e-3
