@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Beyond this many pixels an int32 table could overflow (255 · H · W ≥ 2^31).
@@ -36,10 +37,16 @@ class IntegralImages:
     stride: torch.Tensor  # (B,) int64 on device, W_b + 1
     heights: list[int]
     widths: list[int]
+    bases: list[int]  # host copy of ``base``
 
     @property
     def device(self) -> torch.device:
         return self.flat.device
+
+    def table(self, b: int) -> torch.Tensor:
+        """Image ``b``'s table as an (H+1, W+1, 3) view."""
+        h, w = self.heights[b], self.widths[b]
+        return self.flat[self.bases[b] : self.bases[b] + (h + 1) * (w + 1)].view(h + 1, w + 1, 3)
 
 
 def integral_images(images: Sequence[torch.Tensor]) -> IntegralImages:
@@ -52,18 +59,26 @@ def integral_images(images: Sequence[torch.Tensor]) -> IntegralImages:
     tables = []
     for im in images:
         h, w = im.shape[:2]
-        table = torch.zeros((h + 1, w + 1, 3), dtype=dtype, device=device)
-        torch.cumsum(im.cumsum(0, dtype=dtype), 1, out=table[1:, 1:])
+        if device.type == "cpu":
+            # numpy's cumsum walks rows as vectors; torch's CPU cumsum is ~10× slower on these layouts.
+            table_np = np.zeros((h + 1, w + 1, 3), dtype=np.int64 if big else np.int32)
+            np.cumsum(im.numpy(), axis=0, dtype=table_np.dtype, out=table_np[1:, 1:])
+            np.cumsum(table_np[1:, 1:], axis=1, out=table_np[1:, 1:])
+            table = torch.from_numpy(table_np)
+        else:
+            table = torch.zeros((h + 1, w + 1, 3), dtype=dtype, device=device)
+            torch.cumsum(im.cumsum(0, dtype=dtype), 1, out=table[1:, 1:])
         tables.append(table.view(-1, 3))
     sizes = [(im.shape[0] + 1) * (im.shape[1] + 1) for im in images]
-    base = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0)
+    bases = np.cumsum([0, *sizes[:-1]]).tolist()
     stride = torch.tensor([im.shape[1] + 1 for im in images], dtype=torch.int64)
     return IntegralImages(
         flat=torch.cat(tables) if len(tables) > 1 else tables[0],
-        base=base.to(device, non_blocking=True),
+        base=torch.tensor(bases, dtype=torch.int64).to(device, non_blocking=True),
         stride=stride.to(device, non_blocking=True),
         heights=[int(im.shape[0]) for im in images],
         widths=[int(im.shape[1]) for im in images],
+        bases=bases,
     )
 
 
@@ -74,9 +89,14 @@ def _bins(index: torch.Tensor, size_in: torch.Tensor, size_out: torch.Tensor | i
     return start, end
 
 
+def _take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``flat[index]`` for an (T, 3) table and any-shape index: (..., 3). (index_select is ~2× faster on CPU.)"""
+    return flat.index_select(0, index.reshape(-1)).view(*index.shape, 3)
+
+
 def _corner_sums(flat: torch.Tensor, r0, r1, c0, c1) -> torch.Tensor:
     """Region sums from flat offsets: ``r*`` = base + row * stride, ``c*`` = column; broadcasting; (..., 3)."""
-    return flat[r1 + c1] - flat[r0 + c1] - flat[r1 + c0] + flat[r0 + c0]
+    return _take(flat, r1 + c1) - _take(flat, r0 + c1) - _take(flat, r1 + c0) + _take(flat, r0 + c0)
 
 
 def resample_crops(
@@ -110,6 +130,44 @@ def resample_crops(
     kh = (re - rs).to(torch.float32)[:, :, None, None]
     kw = (ce - cs).to(torch.float32)[:, None, :, None]
     return (sums / kh / kw).permute(0, 3, 1, 2)
+
+
+def resample_levels_into(
+    ii: IntegralImages,
+    image_index: Sequence[int],
+    out_h: Sequence[int],
+    out_w: Sequence[int],
+    page: Sequence[int],
+    y: Sequence[int],
+    x: Sequence[int],
+    ids: Sequence[int],
+    out: torch.Tensor,
+    ids_out: torch.Tensor,
+) -> None:
+    """Area-resample K whole images into rectangles of ``out``, one region at a time (the CPU path).
+
+    Same values as :func:`resample_ragged_into`, computed separably per region: two row selections of the
+    table (contiguous copies), two column selections, a subtraction each. On CPU this is ~5× faster than the
+    one-gather version (whose per-pixel index arithmetic and random gathers do not stay in cache); on CUDA the
+    one-gather version avoids ~10 kernel launches per region.
+
+    Args:
+        image_index, out_h, out_w, page, y, x, ids: host ints, one per region: output (r, c) of region k goes to
+            ``out[page[k], y[k] + r, x[k] + c]``, and ``ids_out`` there gets ``ids[k]``.
+        out: (P, H, W, 3) float, written with ``(mean - 127.5) / 128``.
+        ids_out: (P, H, W) integer map.
+    """
+    device = ii.device
+    for b, oh, ow, p, y0, x0, k in zip(image_index, out_h, out_w, page, y, x, ids, strict=True):
+        h, w = ii.heights[b], ii.widths[b]
+        table = ii.table(b)
+        r0, r1 = _bins(torch.arange(oh, device=device), h, oh)
+        c0, c1 = _bins(torch.arange(ow, device=device), w, ow)
+        rows = table.index_select(0, r1) - table.index_select(0, r0)  # (oh, W+1, 3) column-prefix row-bin sums
+        sums = (rows.index_select(1, c1) - rows.index_select(1, c0)).to(torch.float32)  # (oh, ow, 3)
+        mean = sums / (r1 - r0).to(torch.float32)[:, None, None] / (c1 - c0).to(torch.float32)[None, :, None]
+        out[p, y0 : y0 + oh, x0 : x0 + ow] = (mean - 127.5) * 0.0078125
+        ids_out[p, y0 : y0 + oh, x0 : x0 + ow] = k
 
 
 def resample_ragged_into(

@@ -1,0 +1,97 @@
+"""Throughput of the batched MTCNN vs one-image calls (and facenet-pytorch's own per-image code) on mixed sizes.
+
+Images: the shipped photos (gpu_align.photos), each resized so its long side is random in [150, 800] px.
+Usage: python benchmarks/bench_mtcnn.py [--n 64] [--batch 32] [--device cpu] [--reference] [--min-face-rel 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gpu_align import photos
+from gpu_align.mtcnn import MTCNN
+
+
+def make_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    names = list(photos.available(photos.FACE_PHOTOS + photos.NON_FACE_PHOTOS))
+    sources = {name: Image.fromarray(photos.load_rgb(name)) for name in names}
+    out = []
+    for i in range(n):
+        src = sources[names[i % len(names)]]
+        long_side = int(rng.integers(150, 801))
+        s = long_side / max(src.size)
+        out.append(
+            np.asarray(src.resize((max(1, round(src.width * s)), max(1, round(src.height * s))), Image.BILINEAR))
+        )
+    return out
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """Best wall time and best process CPU time (the latter is steadier on a shared machine)."""
+    fn()  # warm-up
+    wall = cpu = float("inf")
+    for _ in range(repeat):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = min(wall, time.perf_counter() - t)
+        cpu = min(cpu, time.process_time() - c)
+    return wall, cpu
+
+
+def report(label: str, n: int, times: tuple[float, float]) -> None:
+    wall, cpu = times
+    print(f"{label:28s} {n / wall:8.1f} images/s wall   ({1000 * cpu / n:6.1f} ms CPU time per image)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--reference", action="store_true", help="also time facenet-pytorch's detect_face per image")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--min-face-rel", type=float, default=0.0, help="min face = this × short side (0: 20 px)")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = make_images(args.n)
+    pixels = sum(im.shape[0] * im.shape[1] for im in images)
+    print(f"{len(images)} images, {pixels / len(images) / 1e3:.0f} kpx mean, torch threads {torch.get_num_threads()}")
+    det = MTCNN(device=args.device, dtype=getattr(torch, args.dtype), channels_last=args.channels_last)
+    if args.device != "cpu":
+        images = [torch.from_numpy(im).to(args.device) for im in images]
+    mins = None
+    if args.min_face_rel > 0:
+        mins = [max(20.0, args.min_face_rel * min(im.shape[:2])) for im in images]
+
+    def batched():
+        for i in range(0, len(images), args.batch):
+            det.detect(images[i : i + args.batch], min_face_sizes=None if mins is None else mins[i : i + args.batch])
+
+    def single():
+        for i, im in enumerate(images):
+            det.detect([im], min_face_sizes=None if mins is None else [mins[i]])
+
+    report(f"batched (batch {args.batch}):", len(images), timed(batched, args.repeat))
+    report("one image per call:", len(images), timed(single, args.repeat))
+    if args.reference:
+        from gpu_align.mtcnn_reference import reference_detect
+
+        subset = [im if isinstance(im, np.ndarray) else im.cpu().numpy() for im in images]
+        report("facenet-pytorch per image:", len(subset), timed(lambda: [reference_detect(im) for im in subset], 1))
+
+
+if __name__ == "__main__":
+    main()
