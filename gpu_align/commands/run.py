@@ -41,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="root/<identity>/<image> folder, or a face2rec2 .lst")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty, or --resume)")
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu (default: auto)")
+    g.add_argument(
+        "--device", default="auto", metavar="DEV", help="auto (CUDA if available), cuda, cuda:N or cpu (default: auto)"
+    )
     g.add_argument(
         "--decoder",
         default="auto",
@@ -49,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="auto: DALI on the GPU when installed, else CPU threads (simplejpeg/Pillow); dali on a CPU device runs "
         "DALI's CPU decoder (default: auto)",
     )
-    g.add_argument("--batch-size", type=int, help="photos per batch (default: 256 on CUDA, 32 on CPU)")
-    g.add_argument("--threads", type=int, help="CPU decoding threads (default: all cores)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="photos per batch (default: 256 on CUDA, 32 on CPU)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU decoding threads (default: all cores)")
     g.add_argument("--fp16", action="store_true", help="run the detector in float16 (CUDA only)")
     g = p.add_argument_group("dataset")
     g.add_argument(
@@ -72,13 +74,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--image-size",
         type=int,
         default=112,
+        metavar="S",
         help="crop size: 112·k (ArcFace template scaled) or 128·k (wider margin) (default: 112)",
     )
-    g.add_argument("--quality", type=int, default=95, help="JPEG quality of the stored crops (default: 95)")
+    g.add_argument(
+        "--quality", type=int, default=95, metavar="Q", help="JPEG quality of the stored crops (default: 95)"
+    )
     g.add_argument(
         "--min-images",
         type=int,
         default=1,
+        metavar="N",
         help="drop identities with fewer aligned faces than this (after misses) (default: 1)",
     )
     g = p.add_argument_group("faces")
@@ -99,6 +105,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--min-face-rel",
         type=float,
         default=0.1,
+        metavar="F",
         help="smallest face searched for, as a fraction of the photo's shorter side; 0 finds faces down to 20 px "
         "but is slower on big photos (default: 0.1)",
     )
