@@ -93,19 +93,44 @@ def plan_pyramid(
     k = len(image)
     height = np.asarray(hs, dtype=np.int64)
     width = np.asarray(ws, dtype=np.int64)
+    if k == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return PyramidPlan(empty, np.zeros(0), height, width, empty, empty, empty, 0, [])
+    fh = height + height % 2  # footprints rounded up to even, so every offset stays even
+    fw = width + width % 2
+    height_limit = int(max(fh.max(), page_side))
+    # Width: the page side for big batches; for small ones about the square root of the total area. Shelf packing
+    # of a geometric series is sensitive to it, so try a few widths and keep the smallest canvas (cheap: K rects).
+    area = int((fh * fw).sum())
+    widest = int(fw.max())
+    candidates = {max(widest, min(page_side, 2 * math.ceil(math.sqrt(area * f) / 2))) for f in (1.0, 1.2, 1.5, 2.0)}
+    best = None
+    for page_width in sorted(candidates):
+        packed = _shelf_pack(fh, fw, page_width, height_limit)
+        cost = sum(packed[3]) * page_width
+        if best is None or cost < best[0]:
+            best = (cost, page_width, packed)
+    _, page_width, (page, y, x, page_heights) = best
+    return PyramidPlan(
+        image=np.asarray(image, dtype=np.int64),
+        scale=np.asarray(scale, dtype=np.float64),
+        height=height,
+        width=width,
+        page=page,
+        y=y,
+        x=x,
+        page_width=page_width,
+        page_heights=page_heights,
+    )
+
+
+def _shelf_pack(fh: np.ndarray, fw: np.ndarray, page_width: int, height_limit: int):
+    """Shelf first-fit by decreasing height. Returns page, y, x (K,) int64 and the used height of each page."""
+    k = len(fh)
     page = np.zeros(k, dtype=np.int64)
     y = np.zeros(k, dtype=np.int64)
     x = np.zeros(k, dtype=np.int64)
-    if k == 0:
-        return PyramidPlan(np.asarray(image, dtype=np.int64), np.asarray(scale), height, width, page, y, x, 0, [])
-    fh = height + height % 2  # footprints rounded up to even, so every offset stays even
-    fw = width + width % 2
-    # Width: the page side for big batches; for small ones about the square root of the total area (less waste).
-    area = int((fh * fw).sum())
-    page_width = int(max(fw.max(), min(page_side, 2 * math.ceil(math.sqrt(area * 1.15) / 2))))
-    height_limit = int(max(fh.max(), page_side))
-
-    shelves: list[list[int]] = []  # [page, y, x_used]; heights are implied (first item is the tallest)
+    shelves: list[list[int]] = []  # [page, y, x_used]; a shelf's height is that of its first (tallest) item
     page_heights: list[int] = []
     for i in np.argsort(-fh, kind="stable").tolist():
         h, w = int(fh[i]), int(fw[i])
@@ -120,14 +145,4 @@ def plan_pyramid(
             shelves.append(shelf)
         page[i], y[i], x[i] = shelf[0], shelf[1], shelf[2]
         shelf[2] += w
-    return PyramidPlan(
-        image=np.asarray(image, dtype=np.int64),
-        scale=np.asarray(scale, dtype=np.float64),
-        height=height,
-        width=width,
-        page=page,
-        y=y,
-        x=x,
-        page_width=page_width,
-        page_heights=page_heights,
-    )
+    return page, y, x, page_heights
