@@ -61,6 +61,7 @@ class RunOptions:
     on_miss: str = "skip"
     select: str = "center-largest"
     min_face_rel: float = 0.1
+    refine: bool = True  # O-Net landmark refinement (False: MTCNN's raw landmarks, as InsightFace's scripts)
     save_crops: str | None = None
     shuffle: int | None = None
     resume: bool = False
@@ -169,6 +170,7 @@ class _Aligner:
             select=opts.select,
             min_face_rel=opts.min_face_rel,
             on_miss=opts.on_miss,
+            refine=opts.refine,
             fp16=opts.fp16,
         )
         self.device = device
@@ -347,6 +349,7 @@ def _input_config(opts: RunOptions, source: Source) -> dict[str, Any]:
         "select": opts.select,
         "min_face_rel": opts.min_face_rel,
         "on_miss": opts.on_miss,
+        "refine": opts.refine,
         "batch_size": opts.batch_size,
     }
 

@@ -109,6 +109,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="smallest face searched for, as a fraction of the photo's shorter side; 0 finds faces down to 20 px "
         "but is slower on big photos (default: 0.1)",
     )
+    g.add_argument(
+        "--landmarks",
+        default="refined",
+        choices=("refined", "mtcnn"),
+        help="refined: MTCNN's landmarks re-estimated by O-Net on upright crops (stable under rotation and scale); "
+        "mtcnn: MTCNN's raw landmarks, exactly InsightFace's MTCNN alignment (default: refined)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--save-crops", metavar="DIR", help="also write each aligned crop to DIR/<identity>/<name>.jpg")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same options)")
@@ -185,6 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         on_miss=args.on_miss,
         select=args.select,
         min_face_rel=args.min_face_rel,
+        refine=args.landmarks == "refined",
         save_crops=args.save_crops,
         shuffle=args.shuffle,
         resume=args.resume,
