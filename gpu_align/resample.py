@@ -38,6 +38,7 @@ class IntegralImages:
     heights: list[int]
     widths: list[int]
     bases: list[int]  # host copy of ``base``
+    buffer: torch.Tensor  # the 1-D allocation ``flat`` lives in (pass it back as ``workspace`` to reuse it)
 
     @property
     def device(self) -> torch.device:
@@ -49,36 +50,47 @@ class IntegralImages:
         return self.flat[self.bases[b] : self.bases[b] + (h + 1) * (w + 1)].view(h + 1, w + 1, 3)
 
 
-def integral_images(images: Sequence[torch.Tensor]) -> IntegralImages:
-    """Summed-area tables of ``images``: each (H, W, 3) uint8 on one device (sizes may differ)."""
+def integral_images(images: Sequence[torch.Tensor], workspace: torch.Tensor | None = None) -> IntegralImages:
+    """Summed-area tables of ``images``: each (H, W, 3) uint8 on one device (sizes may differ).
+
+    ``workspace``: optional 1-D int32/int64 buffer on that device to build the tables in when it is big enough
+    (reusing one avoids page-faulting tens of MB of fresh memory per call on CPU). The result's ``flat`` is a view
+    of it then.
+    """
     if not images:
         raise ValueError("integral_images needs at least one image")
     device = images[0].device
     big = any(im.shape[0] * im.shape[1] > _INT32_MAX_PIXELS for im in images)
     dtype = torch.int64 if big else torch.int32
-    tables = []
-    for im in images:
-        h, w = im.shape[:2]
-        if device.type == "cpu":
-            # numpy's cumsum walks rows as vectors; torch's CPU cumsum is ~10× slower on these layouts.
-            table_np = np.zeros((h + 1, w + 1, 3), dtype=np.int64 if big else np.int32)
-            np.cumsum(im.numpy(), axis=0, dtype=table_np.dtype, out=table_np[1:, 1:])
-            np.cumsum(table_np[1:, 1:], axis=1, out=table_np[1:, 1:])
-            table = torch.from_numpy(table_np)
-        else:
-            table = torch.zeros((h + 1, w + 1, 3), dtype=dtype, device=device)
-            torch.cumsum(im.cumsum(0, dtype=dtype), 1, out=table[1:, 1:])
-        tables.append(table.view(-1, 3))
     sizes = [(im.shape[0] + 1) * (im.shape[1] + 1) for im in images]
     bases = np.cumsum([0, *sizes[:-1]]).tolist()
+    # One flat buffer; each table is computed straight into its slice (no concatenation copy).
+    total = 3 * sum(sizes)
+    buffer = workspace
+    if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < total:
+        buffer = torch.empty(total, dtype=dtype, device=device)
+    flat = buffer[:total].view(-1, 3)
+    for im, start, size in zip(images, bases, sizes, strict=True):
+        h, w = im.shape[:2]
+        table = flat[start : start + size].view(h + 1, w + 1, 3)
+        table[0].zero_()
+        table[:, 0].zero_()
+        if device.type == "cpu":
+            # numpy's cumsum walks rows as vectors; torch's CPU cumsum is ~10× slower on these layouts.
+            out = table.numpy()[1:, 1:]
+            np.cumsum(im.numpy(), axis=1, dtype=out.dtype, out=out)  # rows first: ~30% faster than columns first
+            np.cumsum(out, axis=0, out=out)
+        else:
+            torch.cumsum(im.cumsum(0, dtype=dtype), 1, out=table[1:, 1:])
     stride = torch.tensor([im.shape[1] + 1 for im in images], dtype=torch.int64)
     return IntegralImages(
-        flat=torch.cat(tables) if len(tables) > 1 else tables[0],
+        flat=flat,
         base=torch.tensor(bases, dtype=torch.int64).to(device, non_blocking=True),
         stride=stride.to(device, non_blocking=True),
         heights=[int(im.shape[0]) for im in images],
         widths=[int(im.shape[1]) for im in images],
         bases=bases,
+        buffer=buffer,
     )
 
 
