@@ -182,6 +182,16 @@ class _Aligner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _detect(self, batch: DecodedBatch) -> list[Detections]:
+        """Faces of every decoded photo: MTCNN, or the ``.lst``'s own landmarks; landmarks rounded as in train.lst."""
+        todo = [k for k, i in enumerate(batch.indices) if self.items[i].landmarks is None]
+        found = iter(self.aligner.detect([batch.images[k] for k in todo]) if todo else [])
+        dets = [
+            _given_detections(self.items[i], self.device) if self.items[i].landmarks is not None else next(found)
+            for i in batch.indices
+        ]
+        return [Detections(d.boxes, d.scores, _round_landmarks(d.landmarks)) for d in dets]
+
     def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
         """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
         counts = dict(found=0, center=0, missed=0, failed=0)
@@ -194,15 +204,7 @@ class _Aligner:
         crops = np.zeros((0, self.aligner.image_size, self.aligner.image_size, 3), np.uint8)
         if batch.images:
             t0 = time.perf_counter()
-            todo = [k for k, i in enumerate(batch.indices) if self.items[i].landmarks is None]
-            found = self.aligner.detect([batch.images[k] for k in todo]) if todo else []
-            dets: list[Detections | None] = [None] * len(batch.images)
-            for k, d in zip(todo, found, strict=True):
-                dets[k] = d
-            for k, i in enumerate(batch.indices):
-                if dets[k] is None:
-                    dets[k] = _given_detections(self.items[i], self.device)
-            dets = [Detections(d.boxes, d.scores, _round_landmarks(d.landmarks)) for d in dets]
+            dets = self._detect(batch)
             self._sync()
             t1 = time.perf_counter()
             res = self.aligner.align(batch.images, detections=dets)
