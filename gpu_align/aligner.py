@@ -262,13 +262,12 @@ class FaceAligner:
                 arr = np.ascontiguousarray(np.asarray(im))
             except Exception as e:  # an object numpy cannot read
                 return None, f"unsupported image: {type(im).__name__} ({e})"
-            if arr.dtype == object:
-                return None, f"unsupported image: {type(im).__name__}"
             with warnings.catch_warnings():  # read-only arrays (PIL, decoders): we never write into them
                 warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(arr) if arr.dtype != np.uint16 else None
-            if t is None:
-                return None, "unsupported image: dtype uint16 (expected uint8)"
+                try:
+                    t = torch.from_numpy(arr)
+                except TypeError:  # object arrays, unsupported dtypes
+                    return None, f"unsupported image: {type(im).__name__} of dtype {arr.dtype}"
         if t.dtype != torch.uint8:
             return None, f"unsupported image: dtype {str(t.dtype).replace('torch.', '')} (expected uint8)"
         if t.dim() == 2:
