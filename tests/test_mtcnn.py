@@ -214,7 +214,6 @@ def test_half_precision_networks_find_the_same_faces(images, single):
 # --- facenet-pytorch's own algorithm as the reference ----------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", [*photos.FACE_PHOTOS, *photos.NON_FACE_PHOTOS])
 def test_matches_facenet_pytorch_detect_face(name, images, single):
     from gpu_align.mtcnn_reference import reference_detect
