@@ -298,6 +298,12 @@ def test_landmarks_and_crops_follow_photo_transforms(photos_rgb):
     the landmark tolerance, 5 % of the template's inter-ocular distance (1.76 px), in each of the four axis
     directions. The detected crop must be at least as close to the original's crop as those shifted oracles are
     (on average over the four) on ≥ 95 % of trials: i.e. the crops agree within what the landmark tolerance allows.
+
+    Measured with this seed: 96 % of landmarks and 98 % of crops within bounds, median landmark error 0.5 % of the
+    IOD, median crop MAD 2.7 (oracle 2.2). Other seeds (7, 8, 9) give 96–99 % and 94–99 %: the property holds
+    a few points above the bar, not by a wide margin. The misses are faces MTCNN loses or mislocates at a large
+    total roll (the ±30° photo rotation plus the face's own tilt) and camera.png's near-profile face, whose far eye
+    is hidden. Without landmark refinement (raw MTCNN landmarks) only ~30 % are within 5 %.
     """
     aligner = FaceAligner(min_face_rel=0.05)  # t1's faces are ~12 % of its shorter side: keep them all
     tmpl = arcface_template()
