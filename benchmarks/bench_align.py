@@ -150,7 +150,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     device = torch.device(a.device)
-    opts = {"device": device, "fp16": a.fp16, "channels_last": a.channels_last}
+    opts = {"device": device, "fp16": a.fp16, "channels_last": True if a.channels_last else None}
     ours = FaceAligner(**opts)
     rows = {
         "per-image baseline (full pyramid, raw landmarks)": lambda im: per_image_baseline(ours, im),

@@ -169,7 +169,8 @@ def main() -> None:
 
     t, p = res.times, res.packer
     stages = (
-        f"decode {t.decode:.1f} s, detect {t.detect:.1f} s, warp {t.warp:.1f} s, to host {t.transfer:.1f} s "
+        f"decode {t.decode:.1f} s, detect {t.detect:.1f} s, refine {t.refine:.1f} s, warp {t.warp:.1f} s, "
+        f"to host {t.transfer:.1f} s "
         f"(aligner process); encode {p.get('encode_s', 0):.1f} s, write {p.get('write_s', 0):.1f} s (packer "
         f"process, overlapped); scan {t.scan:.1f} s"
     )

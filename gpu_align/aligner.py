@@ -18,9 +18,10 @@ which only find faces too small to be the target of a dataset photo.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ class AlignResult:
         scores: ``(B,)`` float32 detection confidence; NaN if none.
         num_faces: ``(B,)`` int64, faces detected in the image (before selection).
         transforms: ``(B, 2, 3)`` float32 image->crop affine used for the crop; NaN where there is no crop.
+        seconds: time per stage (``detect``, ``refine``, ``warp``) when the aligner is ``timed``, else empty.
         miss_reason: per image ``None`` (found) or why not: ``"no face"``, ``"image too small"``,
             ``"unsupported image: ..."`` (kept for centre-crop fallbacks, which say why they fell back).
     """
@@ -70,6 +72,7 @@ class AlignResult:
     num_faces: torch.Tensor
     transforms: torch.Tensor
     miss_reason: list[str | None]
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> torch.Tensor:
@@ -78,6 +81,24 @@ class AlignResult:
 
     def __len__(self) -> int:
         return len(self.miss_reason)
+
+
+class _StageClock:
+    """Seconds per stage, measured only when asked (it synchronises CUDA, which costs a little)."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled = device, enabled
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
+        self._t = now
 
 
 def _empty_detections(device: torch.device) -> Detections:
@@ -136,7 +157,11 @@ def refine_landmarks(
     if n_faces == 0 or not schedule:
         return landmarks.float()
     device = landmarks.device
-    dtype = next(onet.parameters()).dtype
+    weight = next(onet.parameters())
+    dtype = weight.dtype
+    # feed O-Net in its weights' memory format (channels-last on CPU): no conversion inside every conv
+    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     k = int(supersample)
     L = landmarks.to(torch.float64)
     idx = torch.as_tensor(image_index, device=device).long()
@@ -159,10 +184,11 @@ def refine_landmarks(
         if k > 1:
             x = F.avg_pool2d(x, k)
         x = ((x - 127.5) * 0.0078125).to(dtype)
-        _, pts, _ = onet(torch.cat([x, x.flip(-1)]))
+        x = torch.cat([x, x.flip(-1)]).contiguous(memory_format=memory_format)
+        _, pts, _ = onet(x)
         pts = pts.to(torch.float64)
         u = torch.stack([pts[:, :5], pts[:, 5:]], -1) * 48 - 0.5  # (2·F·V, 5, 2) crop pixels; [0, 1] spans the crop
-        m = x.shape[0]
+        m = x.shape[0] // 2
         mirrored = u[m:, list(_MIRROR)].clone()
         mirrored[..., 0] = 47.0 - mirrored[..., 0]
         u = torch.stack([u[:m], mirrored], 1)  # (F·V, 2, 5, 2)
@@ -194,7 +220,11 @@ class FaceAligner:
         refine: re-estimate the landmarks with O-Net on upright, normalised crops (:func:`refine_landmarks`);
             False gives MTCNN's raw landmarks, i.e. exactly InsightFace's MTCNN + ``cv2.warpAffine`` alignment.
         fp16: run the detector's convolutions in float16 (CUDA only).
-        channels_last: use channels-last memory format for the detector's convolutions (often faster on CUDA).
+        channels_last: channels-last memory format for the detector's convolutions; None (default) lets MTCNN
+            choose (on for CPU, where P-Net runs ~1.5× faster).
+        landmark_decimals: round the landmarks to this many decimals before the fit (``gpu-align run`` uses 2,
+            what ``train.lst`` holds, so that packing the ``.lst`` reproduces the crops bit for bit).
+        timed: synchronise the device after each stage and report per-stage seconds in ``AlignResult.seconds``.
         **mtcnn_options: passed to :class:`gpu_align.mtcnn.MTCNN` (``min_face_size``, ``thresholds``,
             ``scale_factor``, ``nms_thresholds``, ``weights_dir``).
     """
@@ -208,7 +238,9 @@ class FaceAligner:
         on_miss: str = "skip",
         refine: bool = True,
         fp16: bool = False,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
+        landmark_decimals: int | None = None,
+        timed: bool = False,
         **mtcnn_options,
     ) -> None:
         self.device = torch.device(device)
@@ -235,6 +267,8 @@ class FaceAligner:
         self.refine = bool(refine)
         self.fp16 = fp16
         self.channels_last = channels_last
+        self.landmark_decimals = landmark_decimals
+        self.timed = bool(timed)
         dtype = torch.float16 if fp16 else torch.float32
         self.mtcnn = MTCNN(device=self.device, dtype=dtype, channels_last=channels_last, **mtcnn_options)
         self.min_face_size = float(mtcnn_options.get("min_face_size", 20))
@@ -340,24 +374,28 @@ class FaceAligner:
         Args:
             images: list of ``(H, W, 3)`` uint8 RGB numpy arrays or tensors (any device, mixed sizes);
                 grayscale and RGBA are converted.
-            detections: optional precomputed :meth:`detect` output for these images (skips detection; used as
-                given, so pass :meth:`detect`'s already refined landmarks, not raw MTCNN ones, if ``refine``).
+            detections: optional faces per image, used as given (e.g. :meth:`detect`'s output, or landmarks from
+                a ``.lst``); an image whose entry is None is detected, and only its selected face is refined.
 
         Returns:
             :class:`AlignResult` with ``B = len(images)`` rows, tensors on the aligner's device. All crops of
-            the batch come from one batched warp of the full-resolution images.
+            the batch come from one batched warp of the full-resolution images. With ``timed``, ``seconds``
+            holds the time of each stage (detect, refine, warp).
         """
+        clock = _StageClock(self.device, self.timed)
         imgs, reasons = self._prepare(images)
         B = len(imgs)
         dev = self.device
-        refine_now = self.refine and detections is None  # detect() output is already refined
-        if detections is None:
-            dets = self._detect_prepared(imgs, reasons)
-        else:
-            if len(detections) != B:
-                raise ValueError(f"{len(detections)} detections for {B} images")
-            dets = [d if imgs[i] is not None else _empty_detections(dev) for i, d in enumerate(detections)]
-            dets = [Detections(*(x.to(dev) for x in d)) for d in dets]
+        given = [None] * B if detections is None else list(detections)
+        if len(given) != B:
+            raise ValueError(f"{len(given)} detections for {B} images")
+        detect_now = [given[i] is None for i in range(B)]
+        detected = self._detect_prepared([im if detect_now[i] else None for i, im in enumerate(imgs)], reasons)
+        dets = [
+            detected[i] if detect_now[i] or imgs[i] is None else Detections(*(x.to(dev) for x in given[i]))
+            for i in range(B)
+        ]
+        clock.lap("detect")
         hw = [(im.shape[0], im.shape[1]) if im is not None else (1, 1) for im in imgs]
         found, boxes, scores, lms, num_faces = select_faces(dets, hw, self.select)
 
@@ -365,8 +403,14 @@ class FaceAligner:
         usable = [im is not None for im in imgs]
         src_ids = [i for i in range(B) if usable[i]]  # the warps read this compacted image list
         pos = {i: k for k, i in enumerate(src_ids)}
-        if refine_now and any(found_l):
-            lms[found] = self._refine([imgs[i] for i in src_ids], [pos[i] for i in range(B) if found_l[i]], lms[found])
+        refine_ids = [i for i in range(B) if found_l[i] and detect_now[i]] if self.refine else []
+        if refine_ids:  # given landmarks are final; detected ones are refined for the selected face only
+            sel = torch.tensor(refine_ids, device=dev)
+            lms[sel] = self._refine([imgs[i] for i in src_ids], [pos[i] for i in refine_ids], lms[sel])
+        if self.landmark_decimals is not None:  # what a .lst holds, so that it reproduces these crops
+            scale = 10.0**self.landmark_decimals
+            lms = torch.round(lms * scale) / scale
+        clock.lap("refine")
         for i in range(B):
             if not found_l[i] and reasons[i] is None:
                 reasons[i] = MISS_NO_FACE
@@ -388,6 +432,7 @@ class FaceAligner:
             # one batched warp over the usable images
             ok_t = torch.tensor(ok_ids, device=dev)
             crops[ok_t] = warp_faces([imgs[i] for i in src_ids], [pos[i] for i in ok_ids], transforms[ok_t], S)
+        clock.lap("warp")
         return AlignResult(
             crops=crops,
             found=found & torch.tensor(usable, device=dev),
@@ -398,4 +443,5 @@ class FaceAligner:
             num_faces=num_faces,
             transforms=transforms,
             miss_reason=reasons,
+            seconds=clock.seconds,
         )

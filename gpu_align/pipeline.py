@@ -81,6 +81,7 @@ class StageTimes:
     scan: float = 0.0
     decode: float = 0.0
     detect: float = 0.0
+    refine: float = 0.0
     warp: float = 0.0
     transfer: float = 0.0
     queue_wait: float = 0.0
@@ -172,25 +173,20 @@ class _Aligner:
             on_miss=opts.on_miss,
             refine=opts.refine,
             fp16=opts.fp16,
+            landmark_decimals=LANDMARK_DECIMALS,
+            timed=True,
         )
         self.device = device
         self.items = items
         self.times = times
         self.template = arcface_template(opts.image_size, device=device)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _detect(self, batch: DecodedBatch) -> list[Detections]:
-        """Faces of every decoded photo: MTCNN, or the ``.lst``'s own landmarks; landmarks rounded as in train.lst."""
-        todo = [k for k, i in enumerate(batch.indices) if self.items[i].landmarks is None]
-        found = iter(self.aligner.detect([batch.images[k] for k in todo]) if todo else [])
-        dets = [
-            _given_detections(self.items[i], self.device) if self.items[i].landmarks is not None else next(found)
+    def _given(self, batch: DecodedBatch) -> list[Detections | None]:
+        """The ``.lst``'s own landmarks where it has them (no detection); None = detect this photo."""
+        return [
+            _given_detections(self.items[i], self.device) if self.items[i].landmarks is not None else None
             for i in batch.indices
         ]
-        return [Detections(d.boxes, d.scores, _round_landmarks(d.landmarks)) for d in dets]
 
     def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
         """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
@@ -203,12 +199,7 @@ class _Aligner:
                 counts["failed"] += 1
         crops = np.zeros((0, self.aligner.image_size, self.aligner.image_size, 3), np.uint8)
         if batch.images:
-            t0 = time.perf_counter()
-            dets = self._detect(batch)
-            self._sync()
-            t1 = time.perf_counter()
-            res = self.aligner.align(batch.images, detections=dets)
-            self._sync()
+            res = self.aligner.align(batch.images, detections=self._given(batch))
             t2 = time.perf_counter()
             ok = res.ok
             crops = res.crops[ok].cpu().numpy()
@@ -222,8 +213,9 @@ class _Aligner:
             boxes = res.boxes.cpu().numpy()
             ok_l, center_l = ok.tolist(), res.center.tolist()
             t3 = time.perf_counter()
-            self.times.detect += t1 - t0
-            self.times.warp += t2 - t1
+            self.times.detect += res.seconds.get("detect", 0.0)
+            self.times.refine += res.seconds.get("refine", 0.0)
+            self.times.warp += res.seconds.get("warp", 0.0)
             self.times.transfer += t3 - t2
             row = 0
             for k, i in enumerate(batch.indices):
@@ -260,6 +252,7 @@ class _PackerProcess:
         ctx = mp.get_context("spawn")  # never fork a process that holds CUDA state
         self.inbox = ctx.Queue(maxsize=max(1, opts.queue_batches))
         self.outbox = ctx.Queue()
+        self.stop = ctx.Event()  # set on Ctrl-C: the packer aborts at its next input, queued batches or not
         writer_args = dict(
             out_dir=opts.out,
             layout=opts.layout,
@@ -274,7 +267,7 @@ class _PackerProcess:
         threads = 2 if (os.cpu_count() or 1) > 2 else 1
         self.proc = ctx.Process(
             target=packer_main,
-            args=(self.inbox, self.outbox, writer_args, opts.quality, opts.save_crops, threads, os.getpid()),
+            args=(self.inbox, self.outbox, writer_args, opts.quality, opts.save_crops, threads, os.getpid(), self.stop),
             name="gpu-align-packer",
             daemon=True,
         )
@@ -327,6 +320,7 @@ class _PackerProcess:
 
     def abort(self) -> None:
         """Ask the packer to stop and keep its state resumable; wait for it (briefly)."""
+        self.stop.set()
         # Batches still buffered for a packer that stopped reading must not block this process's exit.
         self.inbox.cancel_join_thread()
         if not self.proc.is_alive():

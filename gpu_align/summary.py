@@ -47,7 +47,8 @@ def print_summary(result: RunResult, file: TextIO) -> None:
     t = result.times
     p = result.packer
     stages = (
-        f"decode {t.decode:.1f} · detect {t.detect:.1f} · warp {t.warp:.1f} · to host {t.transfer:.1f} · "
+        f"decode {t.decode:.1f} · detect {t.detect:.1f} · refine {t.refine:.1f} · warp {t.warp:.1f} · "
+        f"to host {t.transfer:.1f} · "
         f"encode {p.get('encode_s', 0):.1f} · write {p.get('write_s', 0):.1f}"
     )
     resumed = rep.get("extra", {}).get("run", {}).get("this_invocation", {}).get("resumed_at", 0)

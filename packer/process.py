@@ -108,6 +108,10 @@ def _parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
+class _Stopped(Exception):
+    """The aligner asked to stop (Ctrl-C): abort between two inputs instead of draining the queue first."""
+
+
 def packer_main(
     inbox: Any,
     outbox: Any,
@@ -116,8 +120,13 @@ def packer_main(
     save_crops: str | None,
     threads: int,
     parent_pid: int,
+    stop: Any = None,
 ) -> None:
-    """Entry point of the packer process (``multiprocessing`` target). See the module docstring for the protocol."""
+    """Entry point of the packer process (``multiprocessing`` target). See the module docstring for the protocol.
+
+    ``stop``: an optional ``multiprocessing.Event``; once set, the packer aborts (keeping what is committed) at the
+    next input, even with batches still queued.
+    """
     # Ctrl-C reaches the whole process group: the parent decides, this process waits for its "abort".
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stats = PackerStats()
@@ -141,10 +150,8 @@ def packer_main(
                 continue
             finally:
                 stats.wait_s += time.perf_counter() - t0
-            if kind == "abort":
-                writer.abort()
-                outbox.put(("aborted", writer.done))
-                return
+            if kind == "abort" or (stop is not None and stop.is_set() and kind == "batch"):
+                raise _Stopped
             if kind == "end":
                 extra = dict(payload or {})
                 extra["packer"] = {k: round(v, 3) for k, v in vars(stats).items() if k.endswith("_s")}
@@ -155,7 +162,10 @@ def packer_main(
                 stats.summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}
                 outbox.put(("done", vars(stats)))
                 return
-            _pack_batch(writer, payload, quality, crops_root, pool, stats)
+            _pack_batch(writer, payload, quality, crops_root, pool, stats, stop)
+    except _Stopped:
+        writer.abort()
+        outbox.put(("aborted", writer.done))
     except (UserError, RecordIOError, OSError) as e:
         writer.abort()
         outbox.put(("error", _describe(e)))
@@ -174,6 +184,7 @@ def _pack_batch(
     crops_root: Path | None,
     pool: ThreadPoolExecutor,
     stats: PackerStats,
+    stop: Any = None,
 ) -> None:
     t0 = time.perf_counter()
     bodies = list(pool.map(lambda c: encode_jpeg(c, quality), batch.crops))
@@ -181,6 +192,8 @@ def _pack_batch(
     stats.crops += len(bodies)
     t0 = time.perf_counter()
     for meta in batch.items:
+        if stop is not None and stop.is_set():
+            raise _Stopped
         body = bodies[meta.row] if meta.row >= 0 else None
         item = PackItem(group=meta.group, body=body, lst=meta.lst, source=meta.source, skip_reason=meta.skip_reason)
         writer.add(item)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from packer.errors import UserError
 
@@ -160,6 +161,10 @@ def _execute(opts) -> int:
     try:
         result = run(opts)
     except KeyboardInterrupt:
+        out = Path(opts.out)
+        if (out / "report.json").exists() and not (out / "pack.state.json").exists():
+            print(f"\ngpu-align: interrupted, but {out} was already complete", file=sys.stderr)
+            raise
         again = [a for a in sys.argv[1:] if a != "--overwrite"]
         again += [] if "--resume" in again else ["--resume"]
         print(
