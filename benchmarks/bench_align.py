@@ -8,6 +8,8 @@ CPU = user + system time of this process):
 
 - per-image baseline: one photo per ``MTCNN.detect`` call at full resolution (20 px minimum face, the reference
   MTCNN setting), centre-largest face, then ``warp_faces`` of that one photo. Raw MTCNN landmarks.
+- the same loop with facenet-pytorch 2.6.0's own per-image, per-box ``detect_face`` (``gpu_align.mtcnn_reference``):
+  what align scripts run today (first face taken).
 - FaceAligner (batched): ``FaceAligner.align`` on batches of --batch photos with the dataset defaults:
   ``min_face_rel`` 0.1, O-Net landmark refinement, one batched warp per batch.
 - two ablations: batched with the full pyramid (``min_face_rel=0``), and batched without refinement.
@@ -63,6 +65,31 @@ def per_image_baseline(aligner: FaceAligner, images: list[torch.Tensor]) -> int:
             warp_faces([im], [0], estimate_similarity(lms[:1], template), 112)
             found += 1
     return found
+
+
+def facenet_per_image(device: torch.device):
+    """The same loop with facenet-pytorch 2.6.0's own ``detect_face`` (its code and weights), what scripts use today."""
+    from gpu_align.mtcnn_reference import _load
+
+    module, *nets = _load()
+    pnet, rnet, onet = (n.to(device) for n in nets)
+    template = arcface_template(112, device=device)
+
+    def run(images: list[torch.Tensor]) -> int:
+        found = 0
+        for im in images:
+            with torch.no_grad():
+                boxes, points = module.detect_face(
+                    im.cpu().numpy(), 20, pnet, rnet, onet, [0.6, 0.7, 0.7], 0.709, device
+                )
+            b = np.asarray(boxes[0], np.float32).reshape(-1, 5)
+            if len(b):
+                lm = torch.as_tensor(np.asarray(points[0], np.float32).reshape(-1, 5, 2)[:1], device=device)
+                warp_faces([im], [0], estimate_similarity(lm, template), 112)
+                found += 1
+        return found
+
+    return run
 
 
 def batched(aligner: FaceAligner, images: list[torch.Tensor], batch: int) -> int:
@@ -154,6 +181,7 @@ def main() -> None:
     ours = FaceAligner(**opts)
     rows = {
         "per-image baseline (full pyramid, raw landmarks)": lambda im: per_image_baseline(ours, im),
+        "  per-image, facenet-pytorch 2.6.0's MTCNN code": facenet_per_image(device),
         f"FaceAligner, batch {a.batch} (min_face_rel 0.1, refined)": lambda im: batched(ours, im, a.batch),
         f"  ablation: batch {a.batch}, full pyramid": lambda im: batched(
             FaceAligner(min_face_rel=0, **opts), im, a.batch
