@@ -15,6 +15,7 @@ written ``train.lst`` rebuilds the same crops without detecting again.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -115,7 +116,10 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when torch sees a GPU, else CPU; an explicit ``cuda`` without a GPU is a UserError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device (this torch build or machine has none); use cpu")
     if dev.type not in ("cpu", "cuda"):
@@ -380,11 +384,83 @@ def _progress(opts: RunOptions, total: int, initial: int):
 # ------------------------------------------------------------------------------------------------ run
 
 
+def _report_extra(
+    opts: RunOptions,
+    device: torch.device,
+    decoder: Any,
+    source: Source,
+    done: int,
+    processed: int,
+    counts: dict[str, int],
+    times: StageTimes,
+    t_start: float,
+) -> dict[str, Any]:
+    """What this invocation adds to report.json (under ``extra``): settings, versions, device, counts, timings."""
+    seconds = time.perf_counter() - t_start
+    return {
+        "run": {
+            "options": {k: v for k, v in asdict(opts).items() if k not in ("quiet",)},
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "decoder": repr(decoder) if decoder else None,
+            "versions": _versions(),
+            "scan_skipped": [{"path": p, "reason": r} for p, r in source.skipped],
+            "this_invocation": {
+                "resumed_at": done,
+                "processed": processed,
+                **counts,
+                "seconds": round(seconds, 3),
+                "images_per_second": round(processed / seconds, 1) if seconds > 0 else None,
+                "stage_seconds": {k: round(v, 3) for k, v in asdict(times).items()},
+                "peak_rss_mb": peak_rss_mb(),
+            },
+        }
+    }
+
+
+def _align_all(
+    opts: RunOptions,
+    items: list[InputItem],
+    done: int,
+    decoder: Any,
+    aligner: _Aligner,
+    packer: _PackerProcess,
+    times: StageTimes,
+    counts: dict[str, int],
+) -> int:
+    """Decode, align and send every input from ``done`` on; returns how many were sent."""
+    if done >= len(items):
+        return 0
+    start = (done // opts.batch_size) * opts.batch_size  # restart at the batch boundary: the same batches
+    processed = 0
+    with _progress(opts, len(items), done) as bar:
+        batches = decoder.batches((it.index, it.path) for it in items[start:])
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            times.decode += time.perf_counter() - t0
+            if batch is None:
+                return processed
+            packer.check()
+            msg, c = aligner(batch, skip_below=done)
+            for k in counts:
+                counts[k] += c[k]
+            if msg.items:
+                times.queue_wait += packer.put(("batch", msg))
+                processed += len(msg.items)
+                bar.update(len(msg.items))
+                bar.set_postfix(
+                    faces=counts["found"],
+                    missed=counts["missed"] + counts["center"],
+                    bad=counts["failed"],
+                    refresh=False,
+                )
+
+
 def run(opts: RunOptions) -> RunResult:
     """Run the whole pipeline; returns what it did. Raises :class:`UserError` for anything the user can fix.
 
-    Ctrl-C (KeyboardInterrupt) stops cleanly: the packer keeps everything committed, a hint says how to resume,
-    and the KeyboardInterrupt is re-raised.
+    Ctrl-C (KeyboardInterrupt) stops cleanly: the packer stops at its next input and keeps everything committed
+    for ``resume``, and the KeyboardInterrupt is re-raised (``gpu-align run`` then prints how to continue).
     """
     t_start = time.perf_counter()
     device = resolve_device(opts.device)
@@ -400,69 +476,21 @@ def run(opts: RunOptions) -> RunResult:
     )
     times.scan = time.perf_counter() - t_start
     items = source.items
-    packer = _PackerProcess(opts, source)
+    # Models and decoder first: a setting they reject (e.g. --fp16 on CPU) then fails before DIR is touched.
+    aligner = _Aligner(opts, device, items, times)
+    decoder = make_decoder(opts.decoder, device=device, threads=opts.threads, batch_size=opts.batch_size)
     counts = dict(found=0, center=0, missed=0, failed=0)
-    processed = 0
-    decoder = None
     try:
-        done = packer.ready()
-        start = (done // opts.batch_size) * opts.batch_size  # restart at the batch boundary: same batches
-        if done < len(items):
-            aligner = _Aligner(opts, device, items, times)
-            decoder = make_decoder(opts.decoder, device=device, threads=opts.threads, batch_size=opts.batch_size)
-            bar = _progress(opts, len(items), done)
-            with bar:
-                batches = decoder.batches((it.index, it.path) for it in items[start:])
-                while True:
-                    t0 = time.perf_counter()
-                    batch = next(batches, None)
-                    times.decode += time.perf_counter() - t0
-                    if batch is None:
-                        break
-                    packer.check()
-                    msg, c = aligner(batch, skip_below=done)
-                    for k in counts:
-                        counts[k] += c[k]
-                    n = len(msg.items)
-                    if n:
-                        times.queue_wait += packer.put(("batch", msg))
-                        processed += n
-                        bar.update(n)
-                        bar.set_postfix(
-                            faces=counts["found"],
-                            missed=counts["missed"] + counts["center"],
-                            bad=counts["failed"],
-                            refresh=False,
-                        )
-        seconds = time.perf_counter() - t_start
-        extra = {
-            "run": {
-                "options": {k: v for k, v in asdict(opts).items() if k not in ("quiet",)},
-                "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-                "decoder": repr(decoder) if decoder else None,
-                "versions": _versions(),
-                "scan_skipped": [{"path": p, "reason": r} for p, r in source.skipped],
-                "this_invocation": {
-                    "resumed_at": done,
-                    "processed": processed,
-                    **counts,
-                    "seconds": round(seconds, 3),
-                    "images_per_second": round(processed / seconds, 1) if seconds > 0 else None,
-                    "stage_seconds": {k: round(v, 3) for k, v in asdict(times).items()},
-                    "peak_rss_mb": peak_rss_mb(),
-                },
-            }
-        }
-        stats = packer.finish(extra)
-    except KeyboardInterrupt:
-        packer.abort()
-        raise
-    except BaseException:
-        packer.abort()
-        raise
+        packer = _PackerProcess(opts, source)
+        try:
+            done = packer.ready()
+            processed = _align_all(opts, items, done, decoder, aligner, packer, times, counts)
+            stats = packer.finish(_report_extra(opts, device, decoder, source, done, processed, counts, times, t_start))
+        except BaseException:  # Ctrl-C included: the packer keeps everything committed, resumable
+            packer.abort()
+            raise
     finally:
-        if decoder is not None:
-            decoder.close()
+        decoder.close()
     report = _read_json(Path(opts.out) / "report.json")
     return RunResult(
         out_dir=Path(opts.out),
@@ -480,8 +508,6 @@ def run(opts: RunOptions) -> RunResult:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
