@@ -69,22 +69,16 @@ def per_image_baseline(aligner: FaceAligner, images: list[torch.Tensor]) -> int:
 
 def facenet_per_image(device: torch.device):
     """The same loop with facenet-pytorch 2.6.0's own ``detect_face`` (its code and weights), what scripts use today."""
-    from gpu_align.mtcnn_reference import _load
+    from gpu_align.mtcnn_reference import reference_detect
 
-    module, *nets = _load()
-    pnet, rnet, onet = (n.to(device) for n in nets)
     template = arcface_template(112, device=device)
 
     def run(images: list[torch.Tensor]) -> int:
         found = 0
         for im in images:
-            with torch.no_grad():
-                boxes, points = module.detect_face(
-                    im.cpu().numpy(), 20, pnet, rnet, onet, [0.6, 0.7, 0.7], 0.709, device
-                )
-            b = np.asarray(boxes[0], np.float32).reshape(-1, 5)
-            if len(b):
-                lm = torch.as_tensor(np.asarray(points[0], np.float32).reshape(-1, 5, 2)[:1], device=device)
+            _, _, landmarks = reference_detect(im.cpu().numpy(), device=device)
+            if len(landmarks):
+                lm = torch.as_tensor(landmarks[:1], device=device)
                 warp_faces([im], [0], estimate_similarity(lm, template), 112)
                 found += 1
         return found

@@ -76,16 +76,11 @@ def per_image_baseline(paths: list[str], out: Path, detect) -> float:
 
 def facenet_detect(device: torch.device):
     """facenet-pytorch 2.6.0's ``detect_face`` (its own code and weights) on one photo, on ``device``."""
-    from gpu_align.mtcnn_reference import _load
-
-    module, *nets = _load()
-    pnet, rnet, onet = (n.to(device) for n in nets)
+    from gpu_align.mtcnn_reference import reference_detect
 
     def detect(rgb: np.ndarray):
-        with torch.no_grad():
-            boxes, points = module.detect_face(rgb, 20, pnet, rnet, onet, [0.6, 0.7, 0.7], 0.709, device)
-        b, p = (np.asarray(x[0], dtype=np.float32) for x in (boxes, points))
-        return b.reshape(-1, 5)[:, :4], p.reshape(-1, 5, 2)
+        boxes, _, landmarks = reference_detect(rgb, device=device)
+        return boxes, landmarks
 
     return detect
 

@@ -59,8 +59,9 @@ class AlignResult:
         num_faces: ``(B,)`` int64, faces detected in the image (before selection).
         transforms: ``(B, 2, 3)`` float32 image->crop affine used for the crop; NaN where there is no crop.
         seconds: time per stage (``detect``, ``refine``, ``warp``) when the aligner is ``timed``, else empty.
-        miss_reason: per image ``None`` (found) or why not: ``"no face"``, ``"image too small"``,
-            ``"unsupported image: ..."`` (kept for centre-crop fallbacks, which say why they fell back).
+        miss_reason: per image ``None`` (found) or why not, ``"<category>[: detail]"`` as the run report counts
+            them: ``"no face"``, ``"image too small: ..."``, ``"unsupported image: ..."`` (kept for centre-crop
+            fallbacks, which say why they fell back).
     """
 
     crops: torch.Tensor
@@ -329,7 +330,7 @@ class FaceAligner:
             if im is None:
                 continue
             if min(im.shape[0], im.shape[1]) < self.min_face_size:
-                reasons[i] = f"{MISS_TOO_SMALL} ({im.shape[1]}×{im.shape[0]} < {self.min_face_size:g} px face)"
+                reasons[i] = f"{MISS_TOO_SMALL}: {im.shape[1]}×{im.shape[0]} < {self.min_face_size:g} px face"
                 continue
             todo.append(i)
         dets = [_empty_detections(self.device) for _ in imgs]

@@ -11,6 +11,7 @@ Not used by the pipeline.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 import types
@@ -93,23 +94,31 @@ def _load() -> tuple[types.ModuleType, torch.nn.Module, torch.nn.Module, torch.n
     return detect_face, *nets
 
 
+@cache
+def _nets_on(device: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """P/R/O-Net copies on ``device`` (the CPU ones of :func:`_load` stay where they are)."""
+    _, *nets = _load()
+    return tuple(copy.deepcopy(n).to(device) for n in nets)
+
+
 def reference_detect(
     image: np.ndarray,
     *,
     min_face_size: float = 20,
     thresholds=(0.6, 0.7, 0.7),
     factor: float = 0.709,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """facenet-pytorch's ``detect_face`` on one (H, W, 3) uint8 RGB image (CPU).
+    """facenet-pytorch's ``detect_face`` on one (H, W, 3) uint8 RGB numpy image, on ``device`` (default CPU).
 
     Returns boxes (K, 4), scores (K,), landmarks (K, 5, 2) as float32 numpy, in facenet-pytorch's output order
     (descending score). Raises like facenet-pytorch does (e.g. on images too small for one pyramid level).
     """
-    module, pnet, rnet, onet = _load()
+    device = torch.device(device)
+    module, *nets = _load()
+    pnet, rnet, onet = nets if device.type == "cpu" else _nets_on(str(device))
     with torch.no_grad():
-        boxes, points = module.detect_face(
-            image, min_face_size, pnet, rnet, onet, list(thresholds), factor, torch.device("cpu")
-        )
+        boxes, points = module.detect_face(image, min_face_size, pnet, rnet, onet, list(thresholds), factor, device)
     b = np.asarray(boxes[0], dtype=np.float32).reshape(-1, 5)
     p = np.asarray(points[0], dtype=np.float32).reshape(-1, 5, 2)
     return b[:, :4], b[:, 4], p

@@ -127,15 +127,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _miss_reason(reason: str | None) -> str:
-    """The aligner's miss text as a report reason ``"<category>: <detail>"``."""
-    reason = reason or "no face"
-    if ":" in reason:
-        return reason
-    head, _, detail = reason.partition(" (")
-    return f"{head}: {detail.rstrip(')')}" if detail else f"{head}: none detected"
-
-
 def _crop_name(path: str) -> str:
     name = os.path.basename(path)
     stem, ext = os.path.splitext(name)
@@ -235,7 +226,7 @@ class _Aligner:
                         counts["center" if center_l[k] else "found"] += 1
                     row += 1
                 elif i >= skip_below:
-                    metas[i] = ItemMeta(i, it.group, it.path, skip_reason=_miss_reason(res.miss_reason[k]))
+                    metas[i] = ItemMeta(i, it.group, it.path, skip_reason=res.miss_reason[k] or "no face")
                     counts["missed"] += 1
         # Rows of inputs that were already written are dropped; re-number the rest compactly.
         keep_rows = [m.row for _, m in sorted(metas.items()) if m.row >= 0]
@@ -247,6 +238,10 @@ class _Aligner:
             for _, m in sorted(metas.items())
         ]
         return CropBatch(ordered, np.ascontiguousarray(crops)), counts
+
+
+def _packer_error(message: str) -> UserError:
+    return UserError(f"{message} — nothing written so far is lost: fix it and rerun with --resume")
 
 
 class _PackerProcess:
@@ -289,7 +284,7 @@ class _PackerProcess:
                     raise TimeoutError from None
                 continue
             if kind == "error":
-                raise UserError(f"{payload} — nothing written so far is lost: fix it and rerun with --resume")
+                raise _packer_error(payload)
             return kind, payload
 
     def ready(self) -> int:
@@ -302,7 +297,7 @@ class _PackerProcess:
         with contextlib.suppress(queue.Empty):
             kind, payload = self.outbox.get_nowait()
             if kind == "error":
-                raise UserError(f"{payload} — nothing written so far is lost: fix it and rerun with --resume")
+                raise _packer_error(payload)
         if not self.proc.is_alive():
             raise UserError(f"the packer process died (exit code {self.proc.exitcode})")
 
