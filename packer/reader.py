@@ -13,6 +13,7 @@ float, face2rec2 writes ``[class, aligned]``: the ``pair`` style). Readers never
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import warnings
@@ -35,6 +36,7 @@ __all__ = [
     "image_ext",
     "image_format",
     "image_shape",
+    "iter_index",
     "label_of",
     "read_index",
     "read_property",
@@ -110,22 +112,27 @@ def resolve_dataset(path: str | os.PathLike, *, need_idx: bool = True) -> Datase
     return DatasetPaths(rec=rec, idx=idx, dir=rec.parent)
 
 
-def read_index(idx_path: str | os.PathLike) -> list[tuple[int, int]]:
-    """The ``(key, offset)`` entries of a ``.idx`` file in file order; UserError with the line number if malformed."""
-    entries: list[tuple[int, int]] = []
+def iter_index(idx_path: str | os.PathLike) -> Iterator[tuple[int, tuple[int, int] | None, str]]:
+    """``(line number, (key, offset) or None if malformed, line text)`` for each non-blank line of a ``.idx``."""
     with open(idx_path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
             if not fields:
                 continue
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                entries.append((int(fields[0]), int(fields[1])))
-            except ValueError:
-                raise UserError(
-                    f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line[:60].decode('latin-1').rstrip()!r}"
-                ) from None
+            entry = None
+            if len(fields) == 2:
+                with contextlib.suppress(ValueError):
+                    entry = (int(fields[0]), int(fields[1]))
+            yield lineno, entry, line[:60].decode("latin-1").rstrip()
+
+
+def read_index(idx_path: str | os.PathLike) -> list[tuple[int, int]]:
+    """The ``(key, offset)`` entries of a ``.idx`` file in file order; UserError with the line number if malformed."""
+    entries: list[tuple[int, int]] = []
+    for lineno, entry, text in iter_index(idx_path):
+        if entry is None:
+            raise UserError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {text!r}")
+        entries.append(entry)
     return entries
 
 

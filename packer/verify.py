@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from packer.errors import UserError
-from packer.reader import Property, decode_image, image_shape, read_property, resolve_dataset
+from packer.reader import Property, decode_image, image_shape, iter_index, read_property, resolve_dataset
 from packer.recordio import MAGIC, RecordIOError, unpack
 from packer.recscan import Damage, scan_rec
 
@@ -114,22 +114,13 @@ class VerifyReport:
 def _parse_index(path: Path, rep: VerifyReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """keys, offsets, line numbers of the well-formed .idx lines (int64 arrays); bad lines become problems."""
     keys, offsets, lines = array("q"), array("q"), array("q")
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                k, o = int(fields[0]), int(fields[1])
-            except ValueError:
-                text = line[:60].decode("latin-1").rstrip()
-                rep.add("index-line", f"{path.name}:{lineno}: expected 'key<TAB>offset', got {text!r}")
-                continue
-            keys.append(k)
-            offsets.append(o)
-            lines.append(lineno)
+    for lineno, entry, text in iter_index(path):
+        if entry is None:
+            rep.add("index-line", f"{path.name}:{lineno}: expected 'key<TAB>offset', got {text!r}")
+            continue
+        keys.append(entry[0])
+        offsets.append(entry[1])
+        lines.append(lineno)
     return (np.frombuffer(keys, np.int64), np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.int64))
 
 
