@@ -383,6 +383,49 @@ class MTCNN(nn.Module):
         boxes, scores, landmarks, image_index = self._stage3(ii, boxes, image_index, tuning)
         return self._split(boxes, scores, landmarks, image_index, n_img)
 
+    @torch.inference_mode()
+    def onet_on_boxes(
+        self,
+        images: Sequence[np.ndarray | torch.Tensor],
+        boxes: torch.Tensor,
+        image_index: torch.Tensor,
+        *,
+        square: bool = True,
+    ) -> list[Detections]:
+        """MTCNN's last stage (O-Net) on candidate boxes found by something else, e.g. another detector.
+
+        Every box is squared around its centre (``rerec``, as MTCNN does to R-Net's output), cropped and area-resampled
+        to 48×48 from the summed-area tables, and scored by O-Net in batches; boxes with O-Net probability
+        ``<= thresholds[2]`` are dropped, the rest get O-Net's box regression and five landmarks, then "Min" NMS at
+        ``nms_thresholds[2]`` per image. Empty crops (boxes entirely outside their image) are dropped.
+
+        Args:
+            images: each (H, W, 3) uint8 RGB, numpy or torch on any device (copied to the detector's device).
+            boxes: (N, 4) float x1 y1 x2 y2 in pixel coordinates of image ``image_index[n]``, any device.
+            image_index: (N,) integer index into ``images`` of each box.
+            square: ``False`` skips the squaring (for boxes that are square already: MTCNN's R-Net output gives
+                then exactly ``detect``'s result).
+        Returns:
+            One :class:`Detections` per image, in input order; faces sorted by descending O-Net probability.
+        """
+        tensors = [self._as_tensor(im, i) for i, im in enumerate(images)]
+        n_img = len(tensors)
+        boxes = torch.as_tensor(boxes).to(self.device, torch.float32).reshape(-1, 4)
+        image_index = torch.as_tensor(image_index).to(self.device, torch.int64).reshape(-1)
+        if boxes.shape[0] != image_index.shape[0]:
+            raise ValueError(f"{boxes.shape[0]} boxes but {image_index.shape[0]} image indices")
+        if boxes.shape[0] and not (int(image_index.min()) >= 0 and int(image_index.max()) < n_img):
+            raise ValueError(f"image_index out of range for {n_img} images")
+        if boxes.shape[0] == 0:
+            z = torch.zeros((0,), device=self.device)
+            return self._split(z.view(0, 4), z, z.view(0, 5, 2), z.long(), n_img)
+        ii = integral_images(tensors, self._workspace())
+        self._keep_workspace(ii)
+        if square:
+            boxes = _rerec(boxes)
+        boxes, scores, landmarks, image_index = self._stage3(ii, boxes, image_index, self.tuning)
+        return self._split(boxes, scores, landmarks, image_index, n_img)
+
     # --- stages -----------------------------------------------------------------------------------------------
 
     def _stage1(self, ii: IntegralImages, plan: PyramidPlan, tuning: Tuning) -> tuple[torch.Tensor, torch.Tensor]:
