@@ -6,8 +6,12 @@
 >>> res.crops[res.found]                           # (n, 112, 112, 3) uint8 on the device
 
 Dataset mode: every photo is meant to hold one target face. A face-selection policy (``gpu_align.select``)
-picks it; a photo without a face is reported in ``miss_reason`` and, with ``on_miss="center"``, gets
-InsightFace's old centre-crop fallback, flagged in ``center``. Nothing raises for one bad photo.
+picks it among the detections at or above a confidence floor, and the runner-up of a multi-face photo is
+returned too; a photo without a (confident) face is reported in ``miss_reason`` and, with ``on_miss="center"``,
+gets InsightFace's old centre-crop fallback, flagged in ``center``. Nothing raises for one bad photo.
+
+Landmarks are the detector's raw ones (for MTCNN: exactly InsightFace's reference alignment); O-Net refinement
+(``refine=True``) is experimental.
 
 Detection scale policy: ``min_face_rel`` sets the smallest face searched for relative to the photo's shorter
 side (``max(min_face_size, min_face_rel · min(H, W))`` pixels per photo). MTCNN's image pyramid starts at
@@ -27,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpu_align.mtcnn import MTCNN, Detections
+from gpu_align.detect import DETECTORS, Detections, FaceDetector, empty_detections, make_detector
+from gpu_align.mtcnn import MTCNN
 from gpu_align.select import POLICIES, SelectFn, select_faces
 from gpu_align.warp import (
     ARCFACE_112,
@@ -57,6 +62,9 @@ class AlignResult:
         landmarks: ``(B, 5, 2)`` float32 (x, y) eyeL eyeR nose mouthL mouthR; NaN if none.
         scores: ``(B,)`` float32 detection confidence; NaN if none.
         num_faces: ``(B,)`` int64, faces detected in the image (before selection).
+        num_confident: ``(B,)`` int64, faces at or above the score floor (the candidates); ≥ 2 = multi-face photo.
+        runner_up_boxes: ``(B, 4)`` float32, the face the policy ranked second among the confident ones; NaN if none.
+        runner_up_scores: ``(B,)`` float32, its confidence; NaN if none.
         transforms: ``(B, 2, 3)`` float32 image->crop affine used for the crop; NaN where there is no crop.
         seconds: time per stage (``detect``, ``refine``, ``warp``) when the aligner is ``timed``, else empty.
         miss_reason: per image ``None`` (found) or why not, ``"<category>[: detail]"`` as the run report counts
@@ -73,6 +81,9 @@ class AlignResult:
     num_faces: torch.Tensor
     transforms: torch.Tensor
     miss_reason: list[str | None]
+    num_confident: torch.Tensor | None = None
+    runner_up_boxes: torch.Tensor | None = None
+    runner_up_scores: torch.Tensor | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -102,12 +113,6 @@ class _StageClock:
         self._t = now
 
 
-def _empty_detections(device: torch.device) -> Detections:
-    return Detections(
-        torch.zeros((0, 4), device=device), torch.zeros((0,), device=device), torch.zeros((0, 5, 2), device=device)
-    )
-
-
 # --- landmark refinement ----------------------------------------------------------------------------------------
 
 # Where O-Net's 48×48 input crops (R-Net's square boxes) put the five points: the ArcFace template's shape at
@@ -130,7 +135,11 @@ def refine_landmarks(
     schedule: Sequence[Sequence[float]] = REFINE_SCHEDULE,
     supersample: int = 2,
 ) -> torch.Tensor:
-    """Re-estimate 5-point landmarks with MTCNN's O-Net on upright, similarity-normalised crops.
+    """Re-estimate 5-point landmarks with MTCNN's O-Net on upright, similarity-normalised crops (experimental).
+
+    Off by default (``FaceAligner(refine=True)`` / ``--landmarks refined`` turn it on): its schedule and O-Net
+    framing were tuned on the shipped photos, where it looks better, but on held-out hand-labelled faces its
+    landmarks are less accurate than MTCNN's raw ones (README, "Accuracy"; ``benchmarks/bench_accuracy.py``).
 
     MTCNN's landmarks come from O-Net run on an axis-aligned box, so they move with the box quantisation, the
     pyramid level and the face's roll: on the shipped photos under random ±30° rotations, 0.5–2× scaling and
@@ -206,10 +215,12 @@ def _compose(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 class FaceAligner:
-    """Batched face detection (MTCNN) and ArcFace alignment on CPU or CUDA.
+    """Batched face detection (MTCNN by default) and ArcFace alignment on CPU or CUDA.
 
     Args:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; everything (detector, warp, outputs) runs there.
+        detector: ``"mtcnn"`` (default; what InsightFace's datasets were aligned with), ``"cascade"``
+            (Viola–Jones box + O-Net landmarks) or ``"retinaface"`` (see :mod:`gpu_align.detect`).
         image_size: crop side ``S``: 112·k (ArcFace template scaled) or 128·k (wider margin), see
             :func:`gpu_align.warp.arcface_template`.
         select: face-selection policy, one of ``"center-largest"`` (default; InsightFace's align scripts),
@@ -217,17 +228,22 @@ class FaceAligner:
         min_face_rel: smallest face searched for, relative to each photo's shorter side (0 or None: off, every face
             down to ``min_face_size`` pixels). The default 0.1 suits dataset photos (the target face is much larger)
             and speeds up large photos; use 0 to find small faces in group photos.
+        min_score: confidence floor: a detection below it is never selected (None: the detector's
+            ``score_floor``, 0.9 for MTCNN's O-Net probability; 0 turns the floor off).
         on_miss: ``"skip"`` (no crop, ``ok`` False) or ``"center"`` (InsightFace's centre-crop fallback, flagged).
-        refine: re-estimate the landmarks with O-Net on upright, normalised crops (:func:`refine_landmarks`);
-            False gives MTCNN's raw landmarks, i.e. exactly InsightFace's MTCNN + ``cv2.warpAffine`` alignment.
+        refine: experimental, off by default. Re-estimate the selected face's landmarks with O-Net on upright,
+            normalised crops (:func:`refine_landmarks`). It makes landmarks follow rotations of the shipped photos
+            it was tuned on, but on held-out hand-labelled faces it is *less* accurate than MTCNN's raw landmarks
+            (README, "Accuracy"). False (default) gives the detector's raw landmarks: with MTCNN, exactly
+            InsightFace's MTCNN + ``cv2.warpAffine`` alignment.
         fp16: run the detector's convolutions in float16 (CUDA only).
         channels_last: channels-last memory format for the detector's convolutions; None (default) lets MTCNN
             choose (on for CPU, where P-Net runs ~1.5× faster).
         landmark_decimals: round the landmarks to this many decimals before the fit (``gpu-align run`` uses 2,
             what ``train.lst`` holds, so that packing the ``.lst`` reproduces the crops bit for bit).
         timed: synchronise the device after each stage and report per-stage seconds in ``AlignResult.seconds``.
-        **mtcnn_options: passed to :class:`gpu_align.mtcnn.MTCNN` (``min_face_size``, ``thresholds``,
-            ``scale_factor``, ``nms_thresholds``, ``weights_dir``).
+        **detector_options: passed to the detector (for MTCNN, :class:`gpu_align.mtcnn.MTCNN`'s
+            ``min_face_size``, ``thresholds``, ``scale_factor``, ``nms_thresholds``, ``weights_dir``, ...).
     """
 
     def __init__(
@@ -237,12 +253,14 @@ class FaceAligner:
         select: str | SelectFn = "center-largest",
         min_face_rel: float | None = 0.1,
         on_miss: str = "skip",
-        refine: bool = True,
+        refine: bool = False,
+        detector: str = "mtcnn",
+        min_score: float | None = None,
         fp16: bool = False,
         channels_last: bool | None = None,
         landmark_decimals: int | None = None,
         timed: bool = False,
-        **mtcnn_options,
+        **detector_options,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -257,6 +275,10 @@ class FaceAligner:
             raise UserError(f"on_miss must be one of {', '.join(ON_MISS)}, got {on_miss!r}")
         if min_face_rel is not None and not 0 <= min_face_rel < 1:
             raise UserError(f"min_face_rel must be in [0, 1), got {min_face_rel}")
+        if detector not in DETECTORS:
+            raise UserError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+        if min_score is not None and not 0 <= min_score <= 1:
+            raise UserError(f"min_score must be in [0, 1], got {min_score}")
         try:
             self.template = arcface_template(int(image_size), device=self.device)
         except ValueError as e:
@@ -271,8 +293,13 @@ class FaceAligner:
         self.landmark_decimals = landmark_decimals
         self.timed = bool(timed)
         dtype = torch.float16 if fp16 else torch.float32
-        self.mtcnn = MTCNN(device=self.device, dtype=dtype, channels_last=channels_last, **mtcnn_options)
-        self.min_face_size = float(mtcnn_options.get("min_face_size", 20))
+        self.detector: FaceDetector = make_detector(
+            detector, device=self.device, dtype=dtype, channels_last=channels_last, **detector_options
+        )
+        # MTCNN's O-Net, for refinement: the detector's own where it has one, else made on first use
+        self._mtcnn = self.detector if isinstance(self.detector, MTCNN) else getattr(self.detector, "mtcnn", None)
+        self.min_score = float(self.detector.score_floor if min_score is None else min_score)
+        self.min_face_size = float(detector_options.get("min_face_size", 20))
 
     # -- inputs ----------------------------------------------------------------------------------------------
 
@@ -333,10 +360,10 @@ class FaceAligner:
                 reasons[i] = f"{MISS_TOO_SMALL}: {im.shape[1]}×{im.shape[0]} < {self.min_face_size:g} px face"
                 continue
             todo.append(i)
-        dets = [_empty_detections(self.device) for _ in imgs]
+        dets = [empty_detections(self.device) for _ in imgs]
         if todo:
             with torch.inference_mode():
-                found = self.mtcnn.detect(
+                found = self.detector.detect(
                     [imgs[i] for i in todo], min_face_sizes=self._min_faces([imgs[i] for i in todo])
                 )
             for i, d in zip(todo, found, strict=True):
@@ -362,6 +389,13 @@ class FaceAligner:
         owner = [pos[i] for i, c in enumerate(counts) for _ in range(c)]
         refined = self._refine([imgs[i] for i in usable], owner, lms).split(counts)
         return [Detections(d.boxes, d.scores, lm) for d, lm in zip(dets, refined, strict=True)]
+
+    @property
+    def mtcnn(self) -> MTCNN:
+        """The MTCNN whose O-Net refines landmarks: the detector itself for ``detector="mtcnn"``."""
+        if self._mtcnn is None:
+            self._mtcnn = MTCNN(device=self.device, dtype=torch.float16 if self.fp16 else torch.float32)
+        return self._mtcnn
 
     def _refine(self, imgs: list[torch.Tensor], image_index: list[int], landmarks: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -398,7 +432,9 @@ class FaceAligner:
         ]
         clock.lap("detect")
         hw = [(im.shape[0], im.shape[1]) if im is not None else (1, 1) for im in imgs]
-        found, boxes, scores, lms, num_faces = select_faces(dets, hw, self.select)
+        floor = self.min_score  # given faces too: align(x, detect(x)) == align(x); a .lst's faces score 1
+        sel = select_faces(dets, hw, self.select, min_score=floor)
+        found, boxes, scores, lms = sel.found, sel.boxes, sel.scores, sel.landmarks
 
         found_l = found.tolist()
         usable = [im is not None for im in imgs]
@@ -412,9 +448,11 @@ class FaceAligner:
             scale = 10.0**self.landmark_decimals
             lms = torch.round(lms * scale) / scale
         clock.lap("refine")
+        faces_l, best_l = sel.num_faces.tolist(), sel.best_score.tolist()
         for i in range(B):
             if not found_l[i] and reasons[i] is None:
-                reasons[i] = MISS_NO_FACE
+                low = faces_l[i] > 0  # faces were detected, all below the floor
+                reasons[i] = f"{MISS_NO_FACE}: low confidence ({best_l[i]:.2f} < {floor:g})" if low else MISS_NO_FACE
             elif found_l[i]:
                 reasons[i] = None
         center_l = [self.on_miss == "center" and usable[i] and not found_l[i] for i in range(B)]
@@ -441,8 +479,11 @@ class FaceAligner:
             boxes=boxes,
             landmarks=lms,
             scores=scores,
-            num_faces=num_faces,
+            num_faces=sel.num_faces,
             transforms=transforms,
             miss_reason=reasons,
+            num_confident=sel.num_confident,
+            runner_up_boxes=sel.runner_up_boxes,
+            runner_up_scores=sel.runner_up_scores,
             seconds=clock.seconds,
         )

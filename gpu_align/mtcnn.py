@@ -28,12 +28,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from gpu_align.detect.base import Detections
 from gpu_align.nms import batched_nms
 from gpu_align.pyramid import PyramidPlan, plan_pyramid
 from gpu_align.resample import (
@@ -74,14 +74,6 @@ def mtcnn_weights_dir() -> Path:
     raise MTCNNWeightsMissing(
         f"MTCNN weights ({', '.join(_WEIGHT_FILES)}) missing from facenet-pytorch; reinstall: {INSTALL_HINT}"
     )
-
-
-class Detections(NamedTuple):
-    """Faces found in one image, sorted by descending score; tensors on the detector's device."""
-
-    boxes: torch.Tensor  # (K, 4) float32 x1 y1 x2 y2, pixel coordinates of that image
-    scores: torch.Tensor  # (K,) float32 O-Net face probability
-    landmarks: torch.Tensor  # (K, 5, 2) float32 (x, y): eyeL eyeR nose mouthL mouthR (image left/right)
 
 
 # --- networks (parameter names match facenet-pytorch's state dicts) --------------------------------------------
@@ -259,7 +251,7 @@ CUDA_TUNING = Tuning(
 
 
 class MTCNN(nn.Module):
-    """Batched MTCNN face detector (facenet-pytorch weights and defaults).
+    """Batched MTCNN face detector (facenet-pytorch weights and defaults); a :class:`gpu_align.detect.FaceDetector`.
 
     Args:
         min_face_size: smallest face (px) searched for by default; ``detect(min_face_sizes=...)`` overrides it
@@ -278,6 +270,11 @@ class MTCNN(nn.Module):
             (``CPU_TUNING`` / ``CUDA_TUNING``): small, cache-sized pieces on CPU (3× faster there), few large
             launches on CUDA.
     """
+
+    name = "mtcnn"
+    # Never select a face below this O-Net probability. The shipped photos' false positives (a hand and a glass in
+    # insightface's t1.jpg) score up to ~0.86, every real face there > 0.99.
+    score_floor = 0.9
 
     def __init__(
         self,

@@ -13,14 +13,19 @@ Policies (``POLICIES``):
 - ``"best-score"``: the most confident detection.
 - ``"center"``: the box whose centre is nearest the image centre.
 
-The selection is vectorised over all faces of all images of a batch (one segmented arg-max, no Python loop
-over images or faces). Ties go to the earlier detection.
+A confidence floor comes first: a detection scoring below ``min_score`` is never the photo's face, whatever the
+policy (MTCNN fires at p ≈ 0.86 on a hand and a glass in insightface's ``t1.jpg``; with the default floor those
+are never chosen). Among several confident faces the policy chooses, and the runner-up is returned too, so that a
+run can record every *multi-face* photo with both boxes instead of choosing silently.
+
+The selection is vectorised over all faces of all images of a batch (segmented arg-max, no Python loop over
+images or faces). Ties go to the earlier detection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -58,34 +63,69 @@ def face_keys(policy: str, boxes: torch.Tensor, scores: torch.Tensor, image_hw: 
     raise ValueError(f"unknown face-selection policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
+class Selection(NamedTuple):
+    """The face chosen per image, and the runner-up (the next best confident face), on the detections' device.
+
+    Float rows without a face are NaN. ``num_faces`` counts every detection, ``num_confident`` those at or above
+    the score floor (the candidates); a photo with ``num_confident >= 2`` is a *multi-face* photo, where the
+    policy made a choice that the run records with its runner-up.
+    """
+
+    found: torch.Tensor  # (B,) bool, a confident face was selected
+    boxes: torch.Tensor  # (B, 4) float32 x1 y1 x2 y2
+    scores: torch.Tensor  # (B,) float32
+    landmarks: torch.Tensor  # (B, 5, 2) float32
+    num_faces: torch.Tensor  # (B,) int64, all detections
+    num_confident: torch.Tensor  # (B,) int64, detections with score >= min_score
+    best_score: torch.Tensor  # (B,) float32, the highest score of any detection (NaN if none): why a photo missed
+    runner_up_boxes: torch.Tensor  # (B, 4) float32, NaN unless num_confident >= 2
+    runner_up_scores: torch.Tensor  # (B,) float32
+
+
+def _segmented_argmax(keys: torch.Tensor, img: torch.Tensor, B: int) -> torch.Tensor:
+    """Per image, the first face reaching the image's largest key; ``K`` (= no face) where every key is -inf.
+
+    ``keys (K,)`` float, ``img (K,)`` int64 image of each face. Returns ``(B,)`` int64.
+    """
+    K = keys.numel()
+    best = torch.full((B,), -torch.inf, device=keys.device).scatter_reduce(0, img, keys, "amax", include_self=True)
+    pos = torch.arange(K, device=keys.device)
+    cand = torch.where((keys == best[img]) & (keys > -torch.inf), pos, torch.full_like(pos, K))
+    return torch.full((B,), K, dtype=torch.long, device=keys.device).scatter_reduce(0, img, cand, "amin")
+
+
 def select_faces(
     detections: Sequence[_Dets],
     image_hw: torch.Tensor | Sequence[tuple[int, int]],
     policy: str | SelectFn = "center-largest",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pick one face per image.
+    min_score: float = 0.0,
+) -> Selection:
+    """Pick one face per image: the policy's best among the faces scoring at least ``min_score``.
 
     Args:
         detections: per image, ``boxes (K_i, 4)``, ``scores (K_i,)``, ``landmarks (K_i, 5, 2)`` (all on one device).
         image_hw: ``(B, 2)`` (H, W) per image.
         policy: a name from ``POLICIES``, or a callable ``(boxes, scores, landmarks, image_hw) -> keys`` over the
             concatenated faces (``(K, 4)``, ``(K,)``, ``(K, 5, 2)``, ``(K, 2)``) returning ``(K,)`` preferences.
+        min_score: confidence floor; a detection below it is never selected (a photo whose detections are all
+            below it has no face). NaN keys rank last but still count.
 
     Returns:
-        ``(found (B,) bool, boxes (B, 4), scores (B,), landmarks (B, 5, 2), num_faces (B,) int64)`` on the
-        detections' device; rows without a face are NaN (float outputs).
+        :class:`Selection` on the detections' device.
     """
     B = len(detections)
     device = detections[0].boxes.device if B else torch.device("cpu")
     hw = torch.as_tensor(image_hw, dtype=torch.float32, device=device).reshape(B, 2)
     counts = torch.tensor([len(d.scores) for d in detections], dtype=torch.long, device=device)
     nan = float("nan")
-    boxes_out = torch.full((B, 4), nan, device=device)
-    scores_out = torch.full((B,), nan, device=device)
-    lm_out = torch.full((B, 5, 2), nan, device=device)
-    found = counts > 0
+
+    def rows(*shape: int) -> torch.Tensor:
+        return torch.full((B, *shape), nan, device=device)
+
+    boxes_out, scores_out, lm_out, best_out, ru_boxes, ru_scores = rows(4), rows(), rows(5, 2), rows(), rows(4), rows()
     if B == 0 or int(counts.sum()) == 0:
-        return found, boxes_out, scores_out, lm_out, counts
+        zero = torch.zeros_like(counts)
+        return Selection(counts > 0, boxes_out, scores_out, lm_out, counts, zero, best_out, ru_boxes, ru_scores)
 
     boxes = torch.cat([d.boxes.float().reshape(-1, 4) for d in detections])
     scores = torch.cat([d.scores.float().reshape(-1) for d in detections])
@@ -95,18 +135,20 @@ def select_faces(
         keys = torch.as_tensor(policy(boxes, scores, lms, hw[img]), device=device).float().reshape(-1)
     else:
         keys = face_keys(policy, boxes, scores, hw[img])
-    keys = torch.nan_to_num(keys, nan=-torch.inf)
-    # segmented arg-max: the best key per image, then the first face of that image reaching it
-    best = torch.full((B,), -torch.inf, device=device).scatter_reduce(0, img, keys, "amax", include_self=True)
+    confident = scores >= min_score
+    # NaN keys rank below every real key but above "not a candidate": shift them to the float32 minimum
+    keys = torch.nan_to_num(keys, nan=torch.finfo(torch.float32).min, neginf=torch.finfo(torch.float32).min)
+    keys = torch.where(confident, keys, torch.tensor(-torch.inf, device=device))
     K = keys.numel()
-    pos = torch.arange(K, device=device)
-    cand = torch.where(keys == best[img], pos, torch.full_like(pos, K))
-    first = torch.full((B,), K, dtype=torch.long, device=device).scatter_reduce(0, img, cand, "amin")
-    # an image whose faces all have key -inf (NaN keys) still gets its first face
-    start = torch.cumsum(counts, 0) - counts
-    first = torch.where(first < K, first, start)
+    first = _segmented_argmax(keys, img, B)
+    found = first < K
+    best_out.scatter_reduce_(0, img, scores, "amax", include_self=False)
+    num_confident = torch.zeros_like(counts).scatter_add_(0, img, confident.long())
     sel = first[found]
-    boxes_out[found] = boxes[sel]
-    scores_out[found] = scores[sel]
-    lm_out[found] = lms[sel]
-    return found, boxes_out, scores_out, lm_out, counts
+    boxes_out[found], scores_out[found], lm_out[found] = boxes[sel], scores[sel], lms[sel]
+    # the runner-up: the best remaining confident face once the chosen one is out
+    keys[sel] = -torch.inf
+    second = _segmented_argmax(keys, img, B)
+    has2 = second < K
+    ru_boxes[has2], ru_scores[has2] = boxes[second[has2]], scores[second[has2]]
+    return Selection(found, boxes_out, scores_out, lm_out, counts, num_confident, best_out, ru_boxes, ru_scores)

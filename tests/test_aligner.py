@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import cv2
 import numpy as np
@@ -22,7 +22,7 @@ FACE_PHOTOS = ("astronaut", "camera", "t1", "tom_hanks", "messi")
 
 @pytest.fixture(scope="module")
 def aligner() -> FaceAligner:
-    return FaceAligner()  # dataset defaults: center-largest, min_face_rel 0.1, refined landmarks
+    return FaceAligner()  # dataset defaults: MTCNN, center-largest, min_face_rel 0.1, floor 0.9, raw landmarks
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def photos_rgb(load_photo) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def t1_all(photos_rgb) -> Detections:
-    """Every face of the group photo t1.jpg (no relative minimum), refined landmarks."""
+    """Every face of the group photo t1.jpg (no relative minimum), raw MTCNN landmarks."""
     return FaceAligner(min_face_rel=0).detect([photos_rgb["t1"]])[0]
 
 
@@ -56,62 +56,117 @@ def _dets(boxes, scores) -> _Det:
     return _Det(b, torch.tensor(scores, dtype=torch.float32), lm)
 
 
-def test_select_policies_on_synthetic_detections():
+class TestSelectFaces:
+    """gpu_align.select.select_faces: policies, confidence floor, runner-up, on synthetic detections."""
+
     # image 0 (100×200 H×W): a big face off to the left, a smaller one in the centre, a confident small one
     img0 = _dets([[0, 0, 60, 60], [80, 30, 120, 70], [150, 80, 160, 90]], [0.9, 0.95, 0.99])
     img1 = _dets([], [])  # no face
     img2 = _dets([[10, 10, 20, 20], [10, 10, 20, 20]], [0.8, 0.8])  # a tie: the first wins
-    hw = [(100, 200), (50, 50), (40, 40)]
-    expected = {"center-largest": 1, "largest": 0, "best-score": 2, "center": 1}
-    for policy in POLICIES:
-        found, boxes, scores, lms, n = select_faces([img0, img1, img2], hw, policy)
-        assert found.tolist() == [True, False, True]
-        assert n.tolist() == [3, 0, 2]
-        assert torch.equal(boxes[0], img0.boxes[expected[policy]]), policy
-        assert scores[0] == img0.scores[expected[policy]]
-        assert torch.equal(lms[0], img0.landmarks[expected[policy]])
-        assert torch.isnan(boxes[1]).all() and torch.isnan(scores[1]) and torch.isnan(lms[1]).all()
-        assert torch.equal(boxes[2], img2.boxes[0])
-    # InsightFace's formula: area - 2·offset² (the big off-centre face loses to the centred one here)
-    keys = face_keys("center-largest", img0.boxes, img0.scores, torch.tensor([[100.0, 200.0]]).expand(3, 2))
-    assert keys[0] == pytest.approx(3600 - 2 * ((30 - 100) ** 2 + (30 - 50) ** 2))
-    # a callable policy: prefer the smallest box
-    smallest = lambda b, s, lm, hw: -(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    found, boxes, *_ = select_faces([img0, img1, img2], hw, smallest)
-    assert torch.equal(boxes[0], img0.boxes[2])
-    with pytest.raises(ValueError, match="unknown face-selection policy"):
-        select_faces([img0], hw[:1], "biggest")
-    # no images, no faces at all
-    assert select_faces([], [], "largest")[0].shape == (0,)
-    assert not select_faces([img1, img1], hw[:2], "largest")[0].any()
+    hw: ClassVar = [(100, 200), (50, 50), (40, 40)]
+
+    def test_policies(self):
+        img0, img1, img2, hw = self.img0, self.img1, self.img2, self.hw
+        expected = {"center-largest": 1, "largest": 0, "best-score": 2, "center": 1}
+        for policy in POLICIES:
+            sel = select_faces([img0, img1, img2], hw, policy)
+            assert sel.found.tolist() == [True, False, True]
+            assert sel.num_faces.tolist() == [3, 0, 2] and sel.num_confident.tolist() == [3, 0, 2]
+            assert torch.equal(sel.boxes[0], img0.boxes[expected[policy]]), policy
+            assert sel.scores[0] == img0.scores[expected[policy]]
+            assert torch.equal(sel.landmarks[0], img0.landmarks[expected[policy]])
+            assert (
+                torch.isnan(sel.boxes[1]).all() and torch.isnan(sel.scores[1]) and torch.isnan(sel.landmarks[1]).all()
+            )
+            assert torch.equal(sel.boxes[2], img2.boxes[0])
+        # InsightFace's formula: area - 2·offset² (the big off-centre face loses to the centred one here)
+        keys = face_keys("center-largest", img0.boxes, img0.scores, torch.tensor([[100.0, 200.0]]).expand(3, 2))
+        assert keys[0] == pytest.approx(3600 - 2 * ((30 - 100) ** 2 + (30 - 50) ** 2))
+        # a callable policy: prefer the smallest box
+        smallest = lambda b, s, lm, hw: -(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+        assert torch.equal(select_faces([img0, img1, img2], hw, smallest).boxes[0], img0.boxes[2])
+        with pytest.raises(ValueError, match="unknown face-selection policy"):
+            select_faces([img0], hw[:1], "biggest")
+        # no images, no faces at all
+        assert select_faces([], [], "largest").found.shape == (0,)
+        assert not select_faces([img1, img1], hw[:2], "largest").found.any()
+
+    def test_runner_up_is_the_second_choice(self):
+        sel = select_faces([self.img0, self.img1, self.img2], self.hw, "largest")
+        # largest: box 0 (3600 px²), then box 1 (1600 px²)
+        assert (
+            torch.equal(sel.runner_up_boxes[0], self.img0.boxes[1]) and sel.runner_up_scores[0] == self.img0.scores[1]
+        )
+        assert torch.isnan(sel.runner_up_boxes[1]).all() and torch.isnan(sel.runner_up_scores[1])
+        assert torch.equal(sel.runner_up_boxes[2], self.img2.boxes[1])  # the tie's other face
+        one = select_faces([_dets([[0, 0, 10, 10]], [0.99])], [(20, 20)], "largest")
+        assert torch.isnan(one.runner_up_boxes).all()  # a single face has no runner-up
+
+    def test_confidence_floor(self):
+        img0, img1, img2, hw = self.img0, self.img1, self.img2, self.hw
+        sel = select_faces([img0, img1, img2], hw, "largest", min_score=0.93)
+        # box 0 (largest, p 0.90) is below the floor: the largest confident face is box 1; box 2 is the runner-up
+        assert sel.found.tolist() == [True, False, False]  # image 2's faces (p 0.8) are all below it
+        assert torch.equal(sel.boxes[0], img0.boxes[1]) and torch.equal(sel.runner_up_boxes[0], img0.boxes[2])
+        assert sel.num_faces.tolist() == [3, 0, 2] and sel.num_confident.tolist() == [2, 0, 0]
+        assert sel.best_score[0] == pytest.approx(0.99) and sel.best_score[2] == pytest.approx(0.8)
+        assert torch.isnan(sel.best_score[1]) and torch.isnan(sel.boxes[2]).all()
+        # a face exactly at the floor is a candidate
+        assert select_faces([img2], hw[2:], "largest", min_score=0.8).found.tolist() == [True]
+        # NaN keys rank last but the face is still selectable
+        nan_keys = lambda b, s, lm, hw: torch.full_like(s, float("nan"))  # noqa: E731
+        assert select_faces([img2], hw[2:], nan_keys).found.tolist() == [True]
 
 
 def test_select_policies_on_t1_group_photo(photos_rgb, t1_all):
-    """t1.jpg: six faces (MTCNN also fires on a hand and a glass). Each policy picks what it promises."""
+    """t1.jpg: six faces (MTCNN also fires on a hand and a glass, p ≈ 0.86). Each policy picks what it promises
+    among the faces above the confidence floor, and never the hand or the glass; without the floor, "center"
+    picks the glass."""
     img = photos_rgb["t1"]
     H, W = img.shape[:2]
     boxes, scores = t1_all.boxes.numpy(), t1_all.scores.numpy()
-    assert (scores > 0.95).sum() == 6 and len(scores) >= 6
+    real = scores > 0.95
+    assert real.sum() == 6 and len(scores) == 8 and scores[~real].max() < 0.9  # six faces, a hand and a glass
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     off2 = ((boxes[:, 0] + boxes[:, 2]) / 2 - W / 2) ** 2 + ((boxes[:, 1] + boxes[:, 3]) / 2 - H / 2) ** 2
+
+    def best(key: np.ndarray, among: np.ndarray) -> int:
+        return int(np.argmax(np.where(among, key, -np.inf)))
+
     expected = {
-        "center-largest": int(np.argmax(area - 2 * off2)),
-        "largest": int(np.argmax(area)),
-        "best-score": int(np.argmax(scores)),
-        "center": int(np.argmin(off2)),
+        "center-largest": best(area - 2 * off2, real),
+        "largest": best(area, real),
+        "best-score": best(scores, real),
+        "center": best(-off2, real),
     }
     picks = {}
     for policy in POLICIES:
         res = FaceAligner(select=policy, min_face_rel=0).align([img], detections=[t1_all])
-        assert res.found.tolist() == [True] and res.num_faces.tolist() == [len(scores)]
+        assert res.found.tolist() == [True] and res.num_faces.tolist() == [8] and res.num_confident.tolist() == [6]
         picks[policy] = int(np.argmin(np.abs(boxes - res.boxes[0].numpy()).sum(1)))
         assert picks[policy] == expected[policy], policy
-        if policy != "center":  # "center" may pick the glass near the middle: that is what it promises
-            assert scores[picks[policy]] > 0.95  # a real face, not the hand or the glass
+        assert real[picks[policy]]  # a real face, not the hand or the glass
+        runner = int(np.argmin(np.abs(boxes - res.runner_up_boxes[0].numpy()).sum(1)))
+        assert real[runner] and runner != picks[policy]
     assert len(set(picks.values())) >= 2  # the policies really differ on this photo
+    # without a floor, the box nearest the centre is the glass
+    glass = FaceAligner(select="center", min_face_rel=0, min_score=0).align([img], detections=[t1_all])
+    assert int(np.argmin(np.abs(boxes - glass.boxes[0].numpy()).sum(1))) == int(np.argmin(off2))
+    assert not real[int(np.argmin(off2))]
     # the default (centre-largest) face is the man in the middle: its box centre is within 20 % of the centre
     b = boxes[picks["center-largest"]]
     assert abs((b[0] + b[2]) / 2 - W / 2) < 0.2 * W and abs((b[1] + b[3]) / 2 - H / 2) < 0.2 * H
+
+
+def test_low_confidence_detections_are_reported_not_selected(photos_rgb, t1_all):
+    """A photo whose only detections are below the floor (t1's hand and glass, alone) has no face, and says why."""
+    img = photos_rgb["t1"]
+    low = t1_all.scores < 0.9
+    only_false = Detections(t1_all.boxes[low], t1_all.scores[low], t1_all.landmarks[low])
+    res = FaceAligner().align([img], detections=[only_false])
+    assert res.found.tolist() == [False] and res.num_faces.tolist() == [2] and res.num_confident.tolist() == [0]
+    assert res.miss_reason[0].startswith("no face: low confidence (0.87 < 0.9)"), res.miss_reason[0]
+    assert not res.ok.any() and (res.crops == 0).all()
 
 
 # --- dataset mode: batches, misses, fallbacks ------------------------------------------------------------------
@@ -208,9 +263,10 @@ def test_min_face_rel_keeps_the_main_face(photos_rgb):
     assert torch.allclose(a.boxes, b.boxes, atol=6)  # the same face (re-detected at a coarser pyramid start)
 
 
-def test_refine_false_is_raw_mtcnn(photos_rgb):
+def test_default_landmarks_are_raw_mtcnn(photos_rgb):
+    """By default the crop is warped from MTCNN's own landmarks (InsightFace's reference alignment)."""
     img = photos_rgb["astronaut"]
-    raw = FaceAligner(refine=False, min_face_rel=0)
+    raw = FaceAligner(min_face_rel=0)
     d = raw.mtcnn.detect([img])[0]
     res = raw.align([img])
     assert torch.equal(res.landmarks[0], d.landmarks[0])
@@ -218,11 +274,12 @@ def test_refine_false_is_raw_mtcnn(photos_rgb):
     assert torch.equal(res.crops[0], crops[0])
 
 
-def test_refine_landmarks_is_stable_at_its_fixed_point(aligner, photos_rgb):
-    """Refining refined landmarks again moves them by a small fraction of the inter-ocular distance."""
+def test_refine_landmarks_is_stable_at_its_fixed_point(photos_rgb):
+    """(Experimental refinement.) Refining refined landmarks again moves them by a small fraction of the IOD."""
     img = torch.from_numpy(photos_rgb["t1"].copy())
-    d = aligner.detect([img])[0]
-    again = refine_landmarks(aligner.mtcnn.onet, [img], [0] * len(d.scores), d.landmarks)
+    refined = FaceAligner(refine=True)
+    d = refined.detect([img])[0]
+    again = refine_landmarks(refined.mtcnn.onet, [img], [0] * len(d.scores), d.landmarks)
     iod = (d.landmarks[:, 1] - d.landmarks[:, 0]).norm(dim=1)
     moved = (again - d.landmarks).norm(dim=2).mean(1) / iod
     assert moved[d.scores > 0.95].max() < 0.02
@@ -284,34 +341,26 @@ def _random_view(img: np.ndarray, rng: np.random.Generator):
 
 @pytest.mark.slow
 def test_landmarks_and_crops_follow_photo_transforms(photos_rgb):
-    """Every face of the five photos, under random similarity transforms + JPEG: the detected landmarks follow
-    the known transform, and the aligned crops agree.
+    """Every face of the five photos, under random similarity transforms + JPEG: the detected (raw MTCNN)
+    landmarks follow the known transform about as well as MTCNN can, and the aligned crops agree.
 
-    Landmarks: mean error of the five points ≤ 5 % of the inter-ocular distance on ≥ 95 % of face-trials (a
-    trial = one face of the original photo that lies inside the transformed canvas; a face not re-detected counts
-    as a failure).
+    A trial = one face of the original photo that lies inside the transformed canvas (rotation ±30°, scale
+    0.5–2×, JPEG q75–95); its error = mean distance of the five points to the transformed original landmarks,
+    over the inter-ocular distance (a face not re-detected counts as infinite).
 
-    Crops: the bound on the mean absolute difference (MAD, grey levels) between the original's aligned crop and
-    the transformed photo's is calibrated per trial, because resampling (down to 0.5×) and JPEG change the crop
-    even with perfect landmarks, by an amount that depends on the face's texture and scale. The reference is the
-    *oracle* crop (warped from the transformed photo with the exactly transformed original landmarks) moved by
-    the landmark tolerance, 5 % of the template's inter-ocular distance (1.76 px), in each of the four axis
-    directions. The detected crop must be at least as close to the original's crop as those shifted oracles are
-    (on average over the four) on ≥ 95 % of trials: i.e. the crops agree within what the landmark tolerance allows.
-
-    Measured with this seed: 96 % of landmarks and 98 % of crops within bounds, median landmark error 0.5 % of the
-    IOD, median crop MAD 2.7 (oracle 2.2). Other seeds (7, 8, 9) give 96–99 % and 94–99 %: the property holds
-    a few points above the bar, not by a wide margin. The misses are faces MTCNN loses or mislocates at a large
-    total roll (the ±30° photo rotation plus the face's own tilt) and camera.png's near-profile face, whose far eye
-    is hidden. Without landmark refinement (raw MTCNN landmarks) only ~30 % are within 5 %.
+    What raw MTCNN reaches here (measured, seeds 2024/7/8/9/10): median error 5.8–7.1 % of the IOD, 64–78 % of
+    trials within 10 %, 86–95 % within 20 %; median crop MAD 12 grey levels against the original's crop (the
+    oracle crop, warped with the exactly transformed landmarks, 2.2). O-Net's landmarks move with the box
+    quantisation, the pyramid level and the face's roll: that is the reference algorithm's own noise (an earlier
+    5 %-on-95 % requirement was met only by tuning a refinement on these photos, which made held-out faces worse;
+    README, "Accuracy"). The bounds below are those figures with a margin: they catch a broken detector, warp,
+    landmark order or selection, not the reference's own scatter.
     """
     aligner = FaceAligner(min_face_rel=0.05)  # t1's faces are ~12 % of its shorter side: keep them all
     tmpl = arcface_template()
-    tol = 0.05 * float((tmpl[1] - tmpl[0]).norm())
-    shifts = torch.tensor([[tol, 0.0], [-tol, 0.0], [0.0, tol], [0.0, -tol]], dtype=torch.float64)
     rng = np.random.default_rng(2024)
     trials_per_photo = 10
-    lm_err, crop_ok, crop_mad, oracle_mad = [], [], [], []
+    lm_err, crop_mad, oracle_mad = [], [], []
     for name in FACE_PHOTOS:
         if name not in photos_rgb:
             continue
@@ -330,29 +379,27 @@ def test_landmarks_and_crops_follow_photo_transforms(photos_rgb):
                     continue  # the face left the canvas
                 if len(l1) == 0:
                     lm_err.append(np.inf)
-                    crop_ok.append(False)
                     continue
                 j = int(np.argmin(np.linalg.norm(l1.mean(1) - exp.mean(0), axis=1)))
                 lm_err.append(np.linalg.norm(l1[j] - exp, axis=1).mean() / np.linalg.norm(exp[1] - exp[0]))
-                # detected, oracle, and the oracle shifted by the tolerance in four directions
+                # the detected crop and the oracle crop, against the original's
                 Ms = estimate_similarity(torch.from_numpy(np.stack([l1[j], exp])), tmpl.double())
-                shifted = Ms[1:2].repeat(4, 1, 1)
-                shifted[:, :, 2] += shifts
-                crops = warp_faces([torch.from_numpy(canvas)], [0] * 6, torch.cat([Ms, shifted]), 112).numpy()
+                crops = warp_faces([torch.from_numpy(canvas)], [0, 0], Ms, 112).numpy()
                 mads = np.abs(crops.astype(int) - c0[k]).mean(axis=(1, 2, 3))
                 crop_mad.append(mads[0])
                 oracle_mad.append(mads[1])
-                crop_ok.append(mads[0] <= mads[2:].mean())
     lm_err = np.array(lm_err)
     summary = (
         f"{len(lm_err)} face-trials: landmark error/IOD median {np.median(lm_err):.4f}, "
-        f"≤5 %: {(lm_err <= 0.05).mean():.3f}; crop MAD median {np.median(crop_mad):.1f} "
-        f"(oracle {np.median(oracle_mad):.1f}), within the shifted-oracle bound: {np.mean(crop_ok):.3f}"
+        f"≤10 %: {(lm_err <= 0.10).mean():.3f}, ≤20 %: {(lm_err <= 0.20).mean():.3f}; crop MAD median "
+        f"{np.median(crop_mad):.1f} (oracle {np.median(oracle_mad):.1f})"
     )
     print(summary)
     assert len(lm_err) >= 30, summary
-    assert (lm_err <= 0.05).mean() >= 0.95, summary
-    assert np.mean(crop_ok) >= 0.95, summary
+    assert np.median(lm_err) <= 0.08, summary
+    assert (lm_err <= 0.10).mean() >= 0.60, summary
+    assert (lm_err <= 0.20).mean() >= 0.85, summary
+    assert np.median(crop_mad) <= 16 and np.median(oracle_mad) <= 4, summary
 
 
 # --- CUDA ------------------------------------------------------------------------------------------------------
