@@ -368,6 +368,11 @@ class FaceAligner:
                 )
             for i, d in zip(todo, found, strict=True):
                 dets[i] = d
+            # a detector that knows why it found nothing says so (cascade: no box, or O-Net rejected it)
+            why = getattr(self.detector, "last_miss_reasons", None) or [None] * len(todo)
+            for i, w in zip(todo, why, strict=True):
+                if w:
+                    reasons[i] = f"{MISS_NO_FACE}: {w}"
         return dets
 
     def detect(self, images: Sequence) -> list[Detections]:

@@ -15,6 +15,7 @@ written ``train.lst`` rebuilds the same crops without detecting again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from gpu_align import __version__
-from gpu_align.aligner import FaceAligner
+from gpu_align.aligner import AlignResult, FaceAligner
 from gpu_align.decode import DecodedBatch, make_decoder
 from gpu_align.mtcnn import Detections
 from gpu_align.scan import InputItem, Source, scan_source
@@ -62,7 +63,9 @@ class RunOptions:
     on_miss: str = "skip"
     select: str = "center-largest"
     min_face_rel: float = 0.1
-    refine: bool = True  # O-Net landmark refinement (False: MTCNN's raw landmarks, as InsightFace's scripts)
+    detector: str = "mtcnn"
+    min_score: float | None = None  # confidence floor; None: the detector's default (MTCNN 0.9)
+    refine: bool = False  # experimental O-Net landmark refinement; False: the detector's raw landmarks
     save_crops: str | None = None
     shuffle: int | None = None
     resume: bool = False
@@ -167,6 +170,8 @@ class _Aligner:
             min_face_rel=opts.min_face_rel,
             on_miss=opts.on_miss,
             refine=opts.refine,
+            detector=opts.detector,
+            min_score=opts.min_score,
             fp16=opts.fp16,
             landmark_decimals=LANDMARK_DECIMALS,
             timed=True,
@@ -182,6 +187,30 @@ class _Aligner:
             _given_detections(self.items[i], self.device) if self.items[i].landmarks is not None else None
             for i in batch.indices
         ]
+
+    def _multi_face_notes(self, res: AlignResult) -> dict[int, dict[str, Any]]:
+        """Per batch row with several confident faces: the policy's choice and its runner-up, for report.json."""
+        multi = ((res.num_confident >= 2) & res.found).nonzero()[:, 0].tolist()
+        if not multi:
+            return {}
+        rows = torch.tensor(multi, device=res.found.device)
+        n = res.num_confident[rows].tolist()
+        box, score = res.boxes[rows].cpu().numpy(), res.scores[rows].tolist()
+        ru_box, ru_score = res.runner_up_boxes[rows].cpu().numpy(), res.runner_up_scores[rows].tolist()
+
+        def face(b: np.ndarray, p: float) -> dict[str, Any]:
+            return {"box": [round(float(v), 1) for v in b], "score": round(p, 4)}
+
+        return {
+            k: {
+                "kind": "multi-face",
+                "faces": n[j],
+                "select": self.aligner.select if isinstance(self.aligner.select, str) else "custom",
+                "chosen": face(box[j], score[j]),
+                "runner_up": face(ru_box[j], ru_score[j]),
+            }
+            for j, k in enumerate(multi)
+        }
 
     def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
         """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
@@ -207,6 +236,7 @@ class _Aligner:
             lms = _round_landmarks(lms).cpu().numpy()
             boxes = res.boxes.cpu().numpy()
             ok_l, center_l = ok.tolist(), res.center.tolist()
+            notes = self._multi_face_notes(res)
             t3 = time.perf_counter()
             self.times.detect += res.seconds.get("detect", 0.0)
             self.times.refine += res.seconds.get("refine", 0.0)
@@ -220,9 +250,8 @@ class _Aligner:
                         h, w = batch.images[k].shape[:2]
                         boxes[k] = (0, 0, w, h)
                     if i >= skip_below:
-                        metas[i] = ItemMeta(
-                            i, it.group, it.path, row, _lst_entry(it.path, boxes[k], lms[k]), None, _crop_name(it.path)
-                        )
+                        lst = _lst_entry(it.path, boxes[k], lms[k])
+                        metas[i] = ItemMeta(i, it.group, it.path, row, lst, None, _crop_name(it.path), notes.get(k))
                         counts["center" if center_l[k] else "found"] += 1
                     row += 1
                 elif i >= skip_below:
@@ -234,7 +263,7 @@ class _Aligner:
             crops = crops[keep_rows]
         remap = {r: n for n, r in enumerate(keep_rows)}
         ordered = [
-            m if m.row < 0 else ItemMeta(m.index, m.group, m.source, remap[m.row], m.lst, None, m.crop_name)
+            m if m.row < 0 else dataclasses.replace(m, row=remap[m.row])
             for _, m in sorted(metas.items())
         ]
         return CropBatch(ordered, np.ascontiguousarray(crops)), counts
@@ -344,6 +373,8 @@ def _input_config(opts: RunOptions, source: Source) -> dict[str, Any]:
         "select": opts.select,
         "min_face_rel": opts.min_face_rel,
         "on_miss": opts.on_miss,
+        "detector": opts.detector,
+        "min_score": opts.min_score,
         "refine": opts.refine,
         "batch_size": opts.batch_size,
     }

@@ -71,6 +71,7 @@ _STREAM = {
     "idx": "train.idx",
     "lst": "train.lst",
     "skipped": "skipped.jsonl",
+    "notes": "notes.jsonl",
     "groups": "groups.jsonl",
 }
 _OUTPUT_ORDER = ("train.rec", "train.idx", "train.lst", "property", REPORT_NAME)  # report.json renamed last
@@ -94,6 +95,8 @@ class PackItem:
         lst: its ``train.lst`` line (label replaced by the assigned label); None = ``1<TAB>source<TAB>label``.
         source: source path, for the report.
         skip_reason: why ``body`` is None (``"kind: detail"``; the report counts by the part before ``:``).
+        note: JSON-able facts about this input for ``report.json``'s ``notes``, with a ``"kind"`` the report counts
+            (e.g. ``{"kind": "multi-face", ...}``: the chosen face and its runner-up); None = nothing to note.
     """
 
     group: str
@@ -101,6 +104,7 @@ class PackItem:
     lst: LstEntry | None = None
     source: str = ""
     skip_reason: str | None = None
+    note: dict[str, Any] | None = None
 
 
 @dataclass
@@ -397,7 +401,9 @@ class DatasetWriter:
             try:
                 f = open(path, "r+b")  # noqa: SIM115 - closed in close()/abort()
             except FileNotFoundError:
-                raise UserError(f"{path} is missing; this pack cannot be resumed, rerun with --overwrite") from None
+                if key != "notes" or self._sizes[key]:
+                    raise UserError(f"{path} is missing; this pack cannot be resumed, rerun with --overwrite") from None
+                f = open(path, "w+b")  # noqa: SIM115 - a pack begun before notes existed: nothing was noted yet
             self._files[key] = f
             have = os.fstat(f.fileno()).st_size
             if have < self._sizes[key]:
@@ -453,6 +459,7 @@ class DatasetWriter:
         idx: list[str] = []
         lsts: list[str] = []
         skipped: list[str] = []
+        notes = [json.dumps({"path": it.source, "group": group, **it.note}) + "\n" for it in items if it.note]
         key = start = self._first_key + self._num_images
         offset = self._sizes["rec"]
         if label is not None:
@@ -478,6 +485,7 @@ class DatasetWriter:
             if self.write_lst:
                 self._write("lst", "".join(lsts).encode(LST_ENCODING, LST_ERRORS))
             self._write("skipped", "".join(skipped).encode())
+            self._write("notes", "".join(notes).encode())
             self._write("groups", (json.dumps(line) + "\n").encode())
         except BaseException:
             self._broken = True
@@ -657,6 +665,11 @@ class DatasetWriter:
                 s = json.loads(line)
                 skipped.append({"path": s["path"], "reason": s["reason"], "identity": s["group"]})
         by_reason = Counter(s["reason"].split(":")[0].strip() for s in skipped)
+        notes = []
+        with open(self._partial("notes"), "rb") as f:
+            for line in f.read(self._sizes["notes"]).splitlines():
+                n = json.loads(line)
+                notes.append({"path": n.pop("path"), "identity": n.pop("group"), **n})
         report = {
             "format": _REPORT_FORMAT,
             "version": 1,
@@ -672,8 +685,10 @@ class DatasetWriter:
                 "dropped_identities": self._dropped,
             },
             "skipped_by_reason": dict(sorted(by_reason.items())),
+            "notes_by_kind": dict(sorted(Counter(n["kind"] for n in notes).items())),
             "config": self.config,
             "skipped": skipped,
+            "notes": notes,
         }
         if extra:
             report["extra"] = _jsonable(extra)

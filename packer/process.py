@@ -47,6 +47,7 @@ class ItemMeta:
         lst: the ``train.lst`` line (box and landmarks of the detection); None when no crop.
         skip_reason: why there is no crop (``"kind: detail"``).
         crop_name: file name for ``--save-crops`` (``<identity>/<name>.jpg``).
+        note: facts for ``report.json``'s ``notes`` (:attr:`packer.layout.PackItem.note`), e.g. a multi-face photo.
     """
 
     index: int
@@ -56,6 +57,7 @@ class ItemMeta:
     lst: LstEntry | None = None
     skip_reason: str | None = None
     crop_name: str = ""
+    note: dict[str, Any] | None = None
 
 
 @dataclass
@@ -195,7 +197,7 @@ def _pack_batch(
         if stop is not None and stop.is_set():
             raise _Stopped
         body = bodies[meta.row] if meta.row >= 0 else None
-        item = PackItem(group=meta.group, body=body, lst=meta.lst, source=meta.source, skip_reason=meta.skip_reason)
+        item = PackItem(meta.group, body, meta.lst, meta.source, meta.skip_reason, meta.note)
         writer.add(item)
         if crops_root is not None and body is not None:
             _save_crop(crops_root, meta, body)

@@ -419,3 +419,16 @@ def test_cuda_matches_cpu(photos_rgb, opts):
     err = (gpu.landmarks.cpu()[f] - cpu.landmarks[f]).norm(dim=2).mean(1) / iod
     assert err.max() < (0.03 if opts else 0.01)
     assert (gpu.crops.cpu()[f].float() - cpu.crops[f].float()).abs().mean() < (6 if opts else 2)
+
+
+def test_other_detectors_report_why_they_found_nothing(photos_rgb):
+    """detector="cascade": the face is aligned from O-Net's landmarks; a scene's cascade boxes that O-Net rejects
+    are reported as such, never guessed into a crop."""
+    res = FaceAligner(detector="cascade").align([photos_rgb["astronaut"], photos_rgb["coffee"], photos_rgb["rocket"]])
+    assert res.found.tolist() == [True, False, False]
+    assert res.miss_reason[1:] == ["no face: cascade box rejected by O-Net", "no face: no cascade box"]
+    raw = FaceAligner().align([photos_rgb["astronaut"]])
+    iod = float((raw.landmarks[0, 1] - raw.landmarks[0, 0]).norm())
+    assert float((res.landmarks[0] - raw.landmarks[0]).norm(dim=1).mean()) < 0.05 * iod  # the same face
+    with pytest.raises(UserError, match="unknown detector"):
+        FaceAligner(detector="haar")

@@ -331,3 +331,24 @@ def test_limit_and_save_crops(reference, tmp_path):
     assert len(saved) == 5
     bodies = {recs[k][1] for k in range(1, 6)}
     assert {p.read_bytes() for p in saved} == bodies  # the same JPEG bytes as stored in the .rec
+
+
+def test_multi_face_photos_are_noted_with_the_runner_up(tmp_path):
+    """A group photo is aligned on the policy's face; report.json names it a multi-face photo with the chosen box
+    (the one train.lst holds) and the runner-up; a scene whose only detections are below the floor is skipped."""
+    root = tmp_path / "photos"
+    (root / "group").mkdir(parents=True)
+    _jpeg(root / "group" / "t1.jpg", photos.load_rgb("t1"), quality=95)
+    _jpeg(root / "group" / "astronaut.jpg", photos.load_rgb("astronaut"), quality=95)
+    out = tmp_path / "out"
+    run(_opts(root, out))
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["notes_by_kind"] == {"multi-face": 1} and report["counts"]["images"] == 2
+    (note,) = report["notes"]
+    assert Path(note["path"]).name == "t1.jpg" and note["identity"] == "group" and note["kind"] == "multi-face"
+    assert note["faces"] == 6 and note["select"] == "center-largest"  # six people; the hand and glass are not counted
+    assert min(note["chosen"]["score"], note["runner_up"]["score"]) >= 0.9
+    line = next(ln for ln in (out / "train.lst").read_text(encoding="utf-8").splitlines() if "t1.jpg" in ln)
+    box = [float(v) for v in line.split("\t")[3:7]]  # aligned, path, label, x1, y1, x2, y2, landmarks
+    assert np.abs(np.array(box) - note["chosen"]["box"]).max() <= 0.5  # train.lst rounds the box to pixels
+    assert np.abs(np.array(note["runner_up"]["box"]) - note["chosen"]["box"]).max() > 20  # another person

