@@ -28,7 +28,7 @@ def aligner() -> FaceAligner:
 @pytest.fixture(scope="module")
 def photos_rgb(load_photo) -> dict[str, np.ndarray]:
     out = {}
-    for name in (*FACE_PHOTOS, "coffee", "tiny"):
+    for name in (*FACE_PHOTOS, "coffee", "rocket", "tiny"):
         with contextlib.suppress(pytest.skip.Exception):  # messi is optional (opencv-doc)
             out[name] = load_photo(name)
     return out
