@@ -41,13 +41,18 @@ def print_summary(result: RunResult, file: TextIO) -> None:
     if counts.get("skipped"):
         detail = ", ".join(f"{k} {v:,}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
         rows.append(("skipped", f"{counts['skipped']:,} ({detail}); see report.json"))
+    multi = rep.get("notes_by_kind", {}).get("multi-face", 0)
+    if multi:
+        rows.append(("multi-face photos", f"{multi:,} (several confident faces; choice + runner-up in report.json)"))
     scan_skipped = rep.get("extra", {}).get("run", {}).get("scan_skipped", [])
     if scan_skipped:
         rows.append(("not photos", f"{len(scan_skipped):,} files left out by the scan; see report.json"))
     t = result.times
     p = result.packer
     stages = (
-        f"decode {t.decode:.1f} · detect {t.detect:.1f} · refine {t.refine:.1f} · warp {t.warp:.1f} · "
+        f"decode {t.decode:.1f} · detect {t.detect:.1f} · "
+        + (f"refine {t.refine:.1f} · " if t.refine >= 0.05 else "")
+        + f"warp {t.warp:.1f} · "
         f"to host {t.transfer:.1f} · "
         f"encode {p.get('encode_s', 0):.1f} · write {p.get('write_s', 0):.1f}"
     )
