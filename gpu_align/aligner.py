@@ -447,8 +447,8 @@ class FaceAligner:
         pos = {i: k for k, i in enumerate(src_ids)}
         refine_ids = [i for i in range(B) if found_l[i] and detect_now[i]] if self.refine else []
         if refine_ids:  # given landmarks are final; detected ones are refined for the selected face only
-            sel = torch.tensor(refine_ids, device=dev)
-            lms[sel] = self._refine([imgs[i] for i in src_ids], [pos[i] for i in refine_ids], lms[sel])
+            rows = torch.tensor(refine_ids, device=dev)
+            lms[rows] = self._refine([imgs[i] for i in src_ids], [pos[i] for i in refine_ids], lms[rows])
         if self.landmark_decimals is not None:  # what a .lst holds, so that it reproduces these crops
             scale = 10.0**self.landmark_decimals
             lms = torch.round(lms * scale) / scale

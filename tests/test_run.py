@@ -352,3 +352,25 @@ def test_multi_face_photos_are_noted_with_the_runner_up(tmp_path):
     box = [float(v) for v in line.split("\t")[3:7]]  # aligned, path, label, x1, y1, x2, y2, landmarks
     assert np.abs(np.array(box) - note["chosen"]["box"]).max() <= 0.5  # train.lst rounds the box to pixels
     assert np.abs(np.array(note["runner_up"]["box"]) - note["chosen"]["box"]).max() > 20  # another person
+
+
+def test_cli_face_options_reach_the_run(tmp_path):
+    """--detector, --min-score and --landmarks are recorded in report.json; the defaults are mtcnn, the detector's
+    floor and raw landmarks."""
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    _jpeg(root / "a" / "astronaut.jpg", photos.load_rgb("astronaut"))
+    _jpeg(root / "a" / "coffee.jpg", photos.load_rgb("coffee"))
+    base = ["run", str(root), "--device", "cpu", "--decoder", "cpu", "-q"]
+    assert gpu_align_cli([*base, "--out", str(tmp_path / "d")]) == 0
+    config = json.loads((tmp_path / "d" / "report.json").read_text(encoding="utf-8"))["config"]["input"]
+    assert (config["detector"], config["min_score"], config["refine"]) == ("mtcnn", None, False)
+    out = tmp_path / "c"
+    args = [*base, "--out", str(out), "--detector", "cascade", "--min-score", "0.95", "--landmarks", "refined"]
+    assert gpu_align_cli(args) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    config = report["config"]["input"]
+    assert (config["detector"], config["min_score"], config["refine"]) == ("cascade", 0.95, True)
+    assert report["counts"]["images"] == 1
+    (skip,) = report["skipped"]  # coffee.jpg: the detector says why it found nothing
+    assert skip["reason"] in ("no face: no cascade box", "no face: cascade box rejected by O-Net"), skip
