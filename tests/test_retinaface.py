@@ -111,7 +111,7 @@ class TestNetworkMatchesOnnxRuntime:
         model = rf.read_model_bytes(rf.retinaface_weights_path())
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
         x, _, _ = detector.network_input([torch.from_numpy(images["t1"].copy())])
-        expected = session.run(None, {"input": x.numpy()})
+        expected = session.run(None, {"input": np.ascontiguousarray(x.numpy())})
         with torch.inference_mode():
             got = detector.net(x)
         for g, e in zip(got, expected, strict=True):
