@@ -12,9 +12,9 @@ Per batch:
 1. letterbox: each image is resized (bilinear, antialiased when shrinking) so that its longer side is
    ``input_size``, converted to the model's input (BGR, minus the per-channel mean), and placed at the top-left of a
    zero (= mean colour) canvas whose sides are the batch maximum of the images' own sides rounded up to 32;
-2. one forward for the whole batch. Where the images' padded sizes differ, features outside each image's own
-   padded area are zeroed before every spatial (3×3) convolution, so every image gets exactly the outputs it would
-   get alone (what convolution zero-padding would have given at its border);
+2. one forward for the whole batch (on CPU in pairs, see ``forward_batch``). Where the images' padded sizes differ,
+   features outside each image's own padded area are zeroed before every spatial (3×3) convolution, so every image
+   gets the outputs it would get alone (what convolution zero-padding would have given at its border);
 3. prior-box decoding (cfg_mnet: min sizes [16, 32] / [64, 128] / [256, 512], steps 8 / 16 / 32, variances 0.1 /
    0.2), a per-image top-k and score threshold, and greedy IoU NMS (``gpu_align.nms.batched_nms``), all batched
    on the device; boxes and landmarks are mapped back to image pixels.
