@@ -53,6 +53,7 @@ CONFIGS: dict[str, dict] = {
     "cascade (LBP box + O-Net points), 0.1": {"detector": "cascade", "refine": False, "min_face_rel": 0.1},
     "retinaface (mobilenet 0.25), 0.1": {"detector": "retinaface", "refine": False, "min_face_rel": 0.1},
 }
+DLIB = "dlib 68-point model (reference, not ground truth)"
 DEFAULT, FULL = "mtcnn raw, min_face_rel 0.1 (default)", "mtcnn raw, full pyramid (InsightFace)"
 
 
@@ -60,7 +61,7 @@ DEFAULT, FULL = "mtcnn raw, min_face_rel 0.1 (default)", "mtcnn raw, full pyrami
 class Runs:
     """One configuration's results, one entry per view."""
 
-    aligner: FaceAligner
+    aligner: FaceAligner | None  # None: the dlib reference model (run in its own process)
     via_detect: bool = False  # align(x, detect(x)): works around align() failing with refine=True (see notes)
     found: list[bool] = field(default_factory=list)
     errors: list[np.ndarray] = field(default_factory=list)  # (5,) point errors / IOD (NaN if missed)
@@ -157,7 +158,7 @@ def run(views: list[heldout.View], aligners: dict[str, FaceAligner], notes: list
 
 
 def accuracy_table(runs: dict[str, Runs], n: int) -> tuple[list[str], np.ndarray]:
-    common = np.logical_and.reduce([r.correct() for r in runs.values()])
+    common = _common(runs)
     lines = [
         f"| configuration | found | wrong face | NME (common {int(common.sum())}) | NME (own) | median | "
         "eyes | nose | mouth | NME ≤ 5 % | CPU ms/photo | photos/s (wall) |",
@@ -172,7 +173,7 @@ def accuracy_table(runs: dict[str, Runs], n: int) -> tuple[list[str], np.ndarray
             label,
             f"{sum(r.found)}/{n}",
             f"{int(r.wrong().sum())}",
-            pct(nme[common].mean() if common.any() else np.nan),
+            pct(nme[common].mean() if common.any() and r.aligner is not None else np.nan),
             pct(own),
             pct(np.median(nme[ok]) if ok.any() else np.nan),
             pct(e[:, :2].mean() if ok.any() else np.nan),
@@ -180,7 +181,7 @@ def accuracy_table(runs: dict[str, Runs], n: int) -> tuple[list[str], np.ndarray
             pct(e[:, 3:].mean() if ok.any() else np.nan),
             pct((nme[ok] <= 0.05).sum() / n),
             f"{1000 * np.sum(r.cpu) / n:.1f}",
-            f"{n / np.sum(r.wall):.1f}",
+            f"{n / np.sum(r.wall):.1f}" if r.wall else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines, common
@@ -222,6 +223,8 @@ def detector_scores(views: list[heldout.View], runs: dict[str, Runs]) -> list[st
     per_detector = {}
     for r in runs.values():  # one raw configuration at min_face_rel 0.1 per detector
         al = r.aligner
+        if al is None:
+            continue
         name = getattr(al.detector, "name", "mtcnn") if hasattr(al, "detector") else "mtcnn"
         if al.refine or al.min_face_rel != 0.1 or name in per_detector:
             continue
@@ -268,6 +271,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: no spin-waiting threads inflating CPU time on a shared machine; "
                     "0: torch's default)")  # fmt: skip
+    ap.add_argument("--dlib", action="store_true",
+                    help="add dlib's 68-point model as an independent reference (own venv, built once)")  # fmt: skip
     ap.add_argument("--write-results", action="store_true", help="update the accuracy section of RESULTS.md")
     a = ap.parse_args()
     if a.threads:
@@ -286,6 +291,12 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
     start = time.perf_counter()
     runs = run(views, aligners, notes)
+    if a.dlib:
+        try:
+            runs[DLIB] = dlib_runs(views)
+        except heldout.HeldoutUnavailable as e:
+            notes.append(f"no dlib reference: {e}")
+            print(notes[-1])
     acc, _ = accuracy_table(runs, n)
     faces_t = per_face_table(runs, views)
     agree = policy_agreement(runs)
@@ -297,7 +308,11 @@ def main() -> None:
     if a.write_results:
         threads = torch.get_num_threads()
         cmd = f"python -m benchmarks.bench_accuracy --views {per_face} --seed {a.seed}"
-        cmd += f" --threads {a.threads}" * bool(a.threads) + f" --device {a.device}" * (a.device != "cpu")
+        cmd += (
+            " --dlib" * a.dlib
+            + f" --threads {a.threads}" * bool(a.threads)
+            + f" --device {a.device}" * (a.device != "cpu")
+        )
         text = "\n".join(
             [
                 f"Machine: {machine()}; {a.device}, {threads} torch thread{'s' * (threads > 1)}.",
@@ -340,7 +355,22 @@ def main() -> None:
 
 
 def _common(runs: dict[str, Runs]) -> np.ndarray:
-    return np.logical_and.reduce([r.correct() for r in runs.values()])
+    """Views where every FaceAligner configuration selected the target (the dlib reference is left out)."""
+    return np.logical_and.reduce([r.correct() for r in runs.values() if r.aligner is not None])
+
+
+def dlib_runs(views: list[heldout.View]) -> Runs:
+    """dlib's HOG detector + 68-point shape predictor (its own process and venv), reduced to the five points."""
+    pts, cpu = heldout.dlib_landmarks([v.image for v in views])
+    r = Runs(None)
+    for v, p, c in zip(views, pts, cpu, strict=True):
+        found = bool(np.isfinite(p).all())
+        r.found.append(found)
+        r.errors.append(heldout.point_errors(heldout.reduce_68_to_5(p), v.points) if found else np.full(5, np.nan))
+        r.boxes.append(np.full(4, np.nan))
+        r.scores.append(np.nan)
+        r.cpu.append(float(c))
+    return r
 
 
 if __name__ == "__main__":

@@ -316,3 +316,76 @@ def point_errors(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 def nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """Normalised mean error: the mean of the five point errors over the inter-ocular distance."""
     return point_errors(pred, gt).mean(-1)
+
+
+# ---------------------------------------------------------------------- dlib: an independent landmark model
+
+DLIB_PINS = ("dlib-bin==20.0.1.post1", "face_recognition_models==0.3.0", "numpy")
+# Runs inside the dlib venv (numpy + dlib only): HOG detector (1 upsampling), the largest face, 68-point predictor.
+_DLIB_DRIVER = r"""
+import sys, time, numpy as np, dlib, face_recognition_models as m
+data = np.load(sys.argv[1])
+det = dlib.get_frontal_face_detector()
+pred = dlib.shape_predictor(m.pose_predictor_model_location())
+n = int(data["n"])
+pts = np.full((n, 68, 2), np.nan)
+cpu = np.zeros(n)
+for i in range(n):
+    img = np.ascontiguousarray(data[f"img{i}"])
+    t = time.process_time()
+    rects = det(img, 1)
+    if len(rects):
+        r = max(rects, key=lambda r: r.area())
+        s = pred(img, r)
+        pts[i] = [(p.x, p.y) for p in s.parts()]
+    cpu[i] = time.process_time() - t
+np.savez(sys.argv[2], points=pts, cpu=cpu)
+"""
+
+
+def dlib_python(timeout: float = 900) -> Path:
+    """A throwaway venv with dlib's 68-point shape predictor (never a project dependency), built once (~30 s with
+    PyPI) under the cache, like tests/mxnet_env.py's mxnet venv. Raises :class:`HeldoutUnavailable` if it cannot."""
+    dest = cache_dir().parent / "dlib-venv"
+    python = dest / "bin" / "python"
+    if (dest / _READY).is_file():
+        return python
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / "dlib-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / _READY).is_file():
+            return python
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp = dest.parent / f"dlib-venv.tmp-{os.getpid()}"
+        try:
+            for cmd in (
+                [sys.executable, "-m", "venv", str(tmp)],
+                [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *DLIB_PINS],
+                [str(tmp / "bin" / "python"), "-c", "import dlib, face_recognition_models"],
+            ):
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                if proc.returncode != 0:
+                    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
+                    raise HeldoutUnavailable(f"building the dlib venv failed; is PyPI reachable?\n$ {' '.join(cmd)}\n"
+                                             f"{tail}")  # fmt: skip
+            (tmp / _READY).write_text(" ".join(DLIB_PINS) + "\n")
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return python
+
+
+def dlib_landmarks(images: list[np.ndarray], timeout: float = 1800) -> tuple[np.ndarray, np.ndarray]:
+    """dlib's own detector + 68-point predictor on each image: ``(N, 68, 2)`` x, y (NaN where it found no face)
+    and the CPU seconds per image, measured in its process."""
+    python = dlib_python()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(src, n=len(images), **{f"img{i}": im for i, im in enumerate(images)})
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([str(python), "-c", _DLIB_DRIVER, str(src), str(out)], capture_output=True, text=True,
+                              timeout=timeout, env=env)  # fmt: skip
+        if proc.returncode != 0:
+            raise HeldoutUnavailable(f"the dlib driver failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        res = np.load(out)
+        return res["points"], res["cpu"]
