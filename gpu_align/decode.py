@@ -16,8 +16,11 @@ Every backend makes the same decisions, so a dataset built on GPU or CPU has the
   non-image, unsupported (GIF, TIFF, HEIC, ...), truncated and over-``max_pixels`` files are rejected up front with
   a reason, so one bad file never reaches (and aborts) a DALI batch. A truncated JPEG (no end-of-image marker
   after its scan data) is rejected as "truncated" rather than decoded to a half-grey image.
-- Corrupt entropy data that libjpeg-turbo can recover from (it only warns) is decoded as-is by every backend;
-  a file a decoder cannot decode at all is reported as "corrupt".
+- Damaged JPEG data is "corrupt" on every backend, also where libjpeg-turbo recovers and only warns ("Corrupt JPEG
+  data: ...", "Premature end of JPEG file"): the CPU backend decodes strictly (:func:`jpeg_damage`), the DALI
+  backend checks each JPEG with a reduced-scale strict decode in its loader threads first (DALI itself decodes
+  such data silently). A JPEG whose entropy data is too short to hold its claimed size (under one bit per 8×8
+  block) is "truncated" from its header. A file a decoder cannot decode at all is "corrupt" too.
 
 A failure reason is ``"<category>: <detail>"`` with the category one of :data:`FAILURE_CATEGORIES`.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import struct
 import warnings
 from abc import ABC, abstractmethod
@@ -39,9 +41,11 @@ from itertools import islice
 import torch
 
 from packer.errors import UserError
+from packer.imageinfo import NotRegularFileError, TooBigError, read_regular_file
 
-# 108-megapixel phone photos (12000×9000) still decode; beyond that a file is treated as a decompression bomb.
-DEFAULT_MAX_PIXELS = 120_000_000
+# Per-photo pixel budget. Detection costs ~50 bytes per decoded pixel on the CPU (a 100 MP photo took 5 GB), so a
+# photo above 40 MP (e.g. 8000×6000) is refused from its header ("too large"): downscale such photos first.
+DEFAULT_MAX_PIXELS = 40_000_000
 # Decoded pixels per batch (384 MB of uint8 RGB): a batch of huge photos is split so memory stays bounded.
 DEFAULT_MAX_BATCH_PIXELS = 128_000_000
 
@@ -141,6 +145,32 @@ def _sniff(data: bytes) -> str:
 
 
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_ARITHMETIC_SOF = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+# libjpeg-turbo warnings that mean damaged image data (it recovers and fills in grey or garbage); other warnings
+# (unknown JFIF revision, Adobe transform code, a bad ICC marker) concern metadata and leave the pixels intact.
+_DAMAGE_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Inconsistent progression sequence")
+
+
+def jpeg_damage(message: str) -> bool:
+    """Whether a libjpeg(-turbo) warning/error message reports damaged image data (see :data:`_DAMAGE_WARNINGS`)."""
+    return message.startswith(_DAMAGE_WARNINGS) and "bad ICC marker" not in message
+
+
+def check_jpeg_data(data: bytes, info: ImageInfo) -> None:
+    """Raise DecodeError("corrupt: ...") if libjpeg-turbo warns about damaged data in this JPEG.
+
+    A strict decode at 1/8 scale: the entropy decoding (where the damage shows) is complete, the IDCT and colour
+    work mostly skipped. Used where the real decoder cannot report warnings (DALI). Other failures (e.g. 12-bit
+    JPEGs that TurboJPEG refuses) are left to the decoder.
+    """
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if info.components == 4 else "GRAY", min_factor=8, strict=True)
+    except ValueError as e:
+        if jpeg_damage(str(e)):
+            raise DecodeError(CORRUPT, f"JPEG: {e}") from None
 
 
 def _exif_orientation(tiff: bytes) -> int:
@@ -152,19 +182,21 @@ def _exif_orientation(tiff: bytes) -> int:
         for i in range(count):
             entry = ifd + 2 + 12 * i
             tag, typ = struct.unpack(order + "HH", tiff[entry : entry + 4])
-            if tag == 0x0112 and typ == 3:  # SHORT
-                (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
+            if tag == 0x0112 and typ in (3, 4):  # SHORT, or LONG (some writers use it; Pillow honours both)
+                fmt = order + ("H" if typ == 3 else "I")
+                (value,) = struct.unpack(fmt, tiff[entry + 8 : entry + 8 + struct.calcsize(fmt)])
                 return value if 1 <= value <= 8 else 1
     except (KeyError, struct.error):
         pass
     return 1
 
 
-def _probe_jpeg(data: bytes) -> ImageInfo:
+def _probe_jpeg(data: bytes, max_pixels: int) -> ImageInfo:
     """Walk the JPEG segments up to the first scan: size, EXIF orientation, and the truncation check."""
     n = len(data)
     pos = 2
     width = height = components = 0
+    arithmetic = False
     orientation = 0  # 0: no EXIF block seen yet (the first one counts)
     while True:
         if pos >= n:
@@ -193,6 +225,7 @@ def _probe_jpeg(data: bytes) -> ImageInfo:
             height = (data[pos + 3] << 8) | data[pos + 4]
             width = (data[pos + 5] << 8) | data[pos + 6]
             components = data[pos + 7]
+            arithmetic = marker in _ARITHMETIC_SOF
         elif marker == 0xE1 and orientation == 0 and data[pos + 2 : pos + 8] == b"Exif\x00\x00":
             orientation = _exif_orientation(memoryview(data)[pos + 8 : end])
         elif marker == 0xDA:
@@ -204,6 +237,15 @@ def _probe_jpeg(data: bytes) -> ImageInfo:
     # scan means the file is complete; trailing bytes after it are allowed, as libjpeg allows them.
     if data.rfind(b"\xff\xd9", end) < 0:
         raise DecodeError(TRUNCATED, f"JPEG has no end-of-image marker after its image data ({n} bytes)")
+    # Huffman coding spends at least one bit on every 8×8 block's DC coefficient (full-resolution component):
+    # less entropy data than that cannot hold the claimed size (a few hundred bytes claiming 10000×10000 would
+    # otherwise be decoded into a 300 MB grey image). Arithmetic coding has no such floor.
+    _check_pixels("JPEG", width, height, max_pixels)  # "too large" says more than "truncated"
+    min_bytes = ((width + 7) // 8) * ((height + 7) // 8) // 8
+    if not arithmetic and n - end < min_bytes:
+        raise DecodeError(
+            TRUNCATED, f"{n - end} bytes of JPEG data cannot hold {width}x{height} (needs at least {min_bytes})"
+        )
     return ImageInfo("JPEG", width, height, orientation or 1, components)
 
 
@@ -242,33 +284,35 @@ def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageIn
     """
     fmt = _sniff(data)
     if fmt == "JPEG":
-        info = _probe_jpeg(data)
+        info = _probe_jpeg(data, max_pixels)
     elif fmt == "PNG":
         info = _probe_png(data)
     else:
         info = _probe_pillow(data, fmt)
-    if info.width <= 0 or info.height <= 0:
-        raise DecodeError(CORRUPT, f"{fmt} with size {info.width}x{info.height}")
-    if info.pixels > max_pixels:
-        raise DecodeError(
-            TOO_LARGE,
-            f"{info.width}x{info.height} ({info.pixels / 1e6:.1f} MP) > max_pixels ({max_pixels / 1e6:.1f} MP)",
-        )
+    _check_pixels(fmt, info.width, info.height, max_pixels)
     return info
 
 
+def _check_pixels(fmt: str, width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise DecodeError(CORRUPT, f"{fmt} with size {width}x{height}")
+    if width * height > max_pixels:
+        raise DecodeError(
+            TOO_LARGE, f"{width}x{height} ({width * height / 1e6:.1f} MP) > max_pixels ({max_pixels / 1e6:.1f} MP)"
+        )
+
+
 def read_file(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
-    """The file's bytes; DecodeError("unreadable: ...") for OS errors, "too large" for absurd file sizes."""
+    """The file's bytes; DecodeError("unreadable: ...") for OS errors and non-regular files (a FIFO, a device,
+    a directory: never opened in a way that blocks), "too large" for absurd file sizes."""
     # No supported format stores more than ~4 bytes per pixel (BMP/PNG worst case), so a bigger file is a bomb too.
     max_bytes = 4 * max_pixels + (1 << 20)
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # opening a FIFO blocks, reading a device never ends
-            raise DecodeError(UNREADABLE, "not a regular file")
-        if st.st_size > max_bytes:
-            raise DecodeError(TOO_LARGE, f"file is {st.st_size / 2**20:.0f} MiB")
-        with open(path, "rb") as f:
-            return f.read(max_bytes + 1)
+        return read_regular_file(path, max_bytes)
+    except NotRegularFileError:
+        raise DecodeError(UNREADABLE, "not a regular file") from None
+    except TooBigError as e:
+        raise DecodeError(TOO_LARGE, str(e)) from None
     except OSError as e:
         raise DecodeError(UNREADABLE, e.strerror or type(e).__name__) from None
 

@@ -11,7 +11,7 @@ import io
 import numpy as np
 import torch
 
-from gpu_align.decode import CORRUPT, TOO_LARGE, DecodeError, Decoder, ImageInfo, Loaded, probe_image
+from gpu_align.decode import CORRUPT, TOO_LARGE, DecodeError, Decoder, ImageInfo, Loaded, jpeg_damage, probe_image
 
 
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
@@ -76,19 +76,24 @@ def decode_bytes(data: bytes, info: ImageInfo | None = None) -> np.ndarray:
         return _decode_pillow(data, info.format)
     import simplejpeg
 
+    colorspace = "CMYK" if info.components == 4 else "RGB"
     try:
-        # strict=False: libjpeg warnings (recoverable corrupt data) decode as DALI decodes them; truncated files
-        # never get here (probe_image rejects them), so this never emits a half-grey image.
-        if info.components == 4:
-            image = _cmyk_to_rgb(simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=False))
-        else:
-            image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
+        # Strict: a libjpeg warning raises. Damaged data is "corrupt" (never a half-grey or garbled photo that then
+        # reads as "no face"); warnings about metadata only are decoded again without strict.
+        try:
+            image = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
+        except ValueError as e:
+            if jpeg_damage(str(e)):
+                raise DecodeError(CORRUPT, f"JPEG: {e}") from None
+            image = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=False)
     except ValueError as e:
         # e.g. 12-bit or lossless JPEG, which TurboJPEG's API refuses: Pillow applies EXIF orientation itself
         try:
             return _decode_pillow(data, "JPEG")
         except DecodeError:
             raise DecodeError(CORRUPT, f"JPEG: {e}") from None  # libjpeg's message says more than Pillow's
+    if info.components == 4:
+        image = _cmyk_to_rgb(image)
     return apply_orientation(image, info.orientation)
 
 

@@ -1,6 +1,7 @@
 """DALI decode backend: ``fn.decoders.image`` on the "mixed" (GPU) device, or on "cpu" without a GPU.
 
-Files are read and their headers checked in a small thread pool (``Decoder._load``: bad files never reach DALI),
+Files are read, their headers checked and their JPEG data checked for damage (a strict 1/8-scale libjpeg-turbo
+decode, since DALI decodes damaged data silently) in a thread pool (``Decoder._load``: bad files never reach DALI),
 then each batch is fed to a pipeline through ``fn.external_source``: the encoded bytes, and each image's global
 input index as its label. The index travels through the pipeline with the image, so outputs map back to files;
 batches are fed at their real size, so there is no padding to drop.
@@ -21,7 +22,7 @@ import contextlib
 import numpy as np
 import torch
 
-from gpu_align.decode import CORRUPT, DecodeError, Decoder, Loaded
+from gpu_align.decode import CORRUPT, DecodeError, Decoder, Loaded, check_jpeg_data
 from gpu_align.decode_cpu import decode_bytes
 
 
@@ -37,9 +38,10 @@ def _dali_reason(error: Exception) -> str:
 class DaliDecoder(Decoder):
     """DALI decoder on ``device`` (CUDA: "mixed" nvImageCodec decode; CPU: DALI's "cpu" decoder).
 
-    ``threads`` are DALI's CPU threads; file reading and header checks use up to 4 more. ``hw_decoder_load``:
-    share of JPEGs sent to the GPU's hardware decoder (A100/H100); ``preallocate_*_hint``: typical image size,
-    so the GPU decoder allocates once. Images: ``(H, W, 3) uint8`` tensors on ``device`` (DALI-owned memory).
+    ``threads`` are DALI's CPU threads; file reading, header and damaged-data checks use as many more.
+    ``hw_decoder_load``: share of JPEGs sent to the GPU's hardware decoder (A100/H100); ``preallocate_*_hint``:
+    typical image size, so the GPU decoder allocates once. Images: ``(H, W, 3) uint8`` tensors on ``device``
+    (DALI-owned memory).
     """
 
     def __init__(
@@ -73,7 +75,18 @@ class DaliDecoder(Decoder):
         self._build()
 
     def _loader_threads(self) -> int:
-        return min(4, self.threads)
+        return self.threads  # they also run the damaged-data check on every JPEG
+
+    def _load(self, index: int, path: str) -> Loaded:
+        item = super()._load(index, path)
+        if item.reason is None and item.info.format == "JPEG":
+            # DALI decodes damaged JPEG data silently (libjpeg-turbo only warns; nvJPEG says nothing): check it here
+            # so that every backend calls such a file "corrupt".
+            try:
+                check_jpeg_data(item.data, item.info)
+            except DecodeError as e:
+                item.data, item.reason = None, str(e)
+        return item
 
     def _build(self) -> None:
         from nvidia.dali import fn, types

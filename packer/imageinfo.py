@@ -6,9 +6,11 @@ wrong size (not aligned crops) out of a dataset at the cost of reading a few hea
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 
-__all__ = ["image_info"]
+__all__ = ["NotRegularFileError", "TooBigError", "image_info", "read_regular_file"]
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
@@ -55,3 +57,38 @@ def image_info(data: bytes) -> tuple[str, int, int] | None:
         w, h = struct.unpack_from(">II", data, 16)
         return ("png", w, h) if w and h else None
     return None
+
+
+class NotRegularFileError(OSError):
+    """The path is a FIFO, a device, a socket or a directory: reading it could block or never end."""
+
+
+class TooBigError(OSError):
+    """The file is larger than the caller's limit; ``size`` is its size in bytes."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"file is {size / 2**20:.1f} MiB (limit {limit / 2**20:.0f} MiB)")
+        self.size = size
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; never blocks and never reads without end.
+
+    Opened with ``O_NONBLOCK`` (a FIFO without a writer would block ``open``) and checked with ``fstat`` on the
+    opened descriptor, so a path swapped between a check and the open cannot slip through. Raises
+    :class:`NotRegularFileError`, :class:`TooBigError` or the ``OSError`` of the open/read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError("not a regular file")
+        if st.st_size > max_bytes:
+            raise TooBigError(st.st_size, max_bytes)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:  # grew since fstat
+            raise TooBigError(len(data), max_bytes)
+        return data
+    finally:
+        os.close(fd)

@@ -194,7 +194,7 @@ def test_pack_skips_bad_files_and_reports_them(faces, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert reasons["gone.jpg"] == "missing file"
-    assert reasons[tmp_path.name] == "unreadable file: Is a directory"
+    assert reasons[tmp_path.name] == "unreadable: not a regular file"
     assert reasons["notjpeg.jpg"].startswith("not an image: no JPEG or PNG header (starts with 68 65 6c 6c 6f)")
     assert reasons["big.jpg"].startswith("wrong size: 224x224, expected 112x112 (--image-size)")
     assert reasons["photo.jpg"].startswith("needs alignment: aligned=0 line")

@@ -80,10 +80,10 @@ def test_skipped_files_have_reasons(tmp_path, jpeg):
         "stray.jpg": "not inside an identity folder",
         "a/.hidden.jpg": "hidden",
         "a/README": "not an image (no extension; looking for .jpg, .jpeg, .png)",
-        "a/dangling.jpg": "not a regular file (broken link?)",
+        "a/dangling.jpg": "unreadable: broken link (its target does not exist)",
         "a/nested": "folder inside an identity folder (not scanned)",
         "a/notes.txt": "not an image (.txt; looking for .jpg, .jpeg, .png)",
-        "a/tab\tname.jpg": "file name holds a tab or newline, which a .lst line cannot hold",
+        "a/tab\tname.jpg": "path contains a tab/newline (a tab-separated .lst line cannot hold it)",
     }
 
 

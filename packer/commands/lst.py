@@ -11,7 +11,7 @@ from collections import Counter
 from packer.errors import UserError
 from packer.fsutil import atomic_write
 from packer.lst import LST_ENCODING, LST_ERRORS, format_lst_line
-from packer.scan import DEFAULT_EXTS, scan_folder
+from packer.scan import BAD_PATH, DEFAULT_EXTS, scan_folder
 
 EPILOG = """\
 examples:
@@ -23,9 +23,13 @@ examples:
       raw photos, for `gpu-align run photos.lst` (detect + align)
   gpu-align lst data/faces -o -          write the list to stdout (summary goes to stderr)
 
-Identities are ROOT's sub-folders in sorted order and get labels 0..C-1 in that order; images in each folder are
-sorted. Hidden files, other extensions, files directly in ROOT, nested folders and identities below --min-images
-are skipped and counted in the summary (listed unless --quiet).
+Identities are ROOT's sub-folders in sorted order and get labels 0..C-1 in that order: by number when every
+identity folder name is a plain non-negative integer (0, 1, ..., 10, as `gpu-align unpack` writes them, so
+unpack -> lst -> pack keeps the labels), otherwise in string order. Images in each folder are sorted (string order).
+Hidden files, other extensions, files directly in ROOT, nested folders, identities below --min-images, names with
+a tab or newline (a .lst line cannot hold them) and entries that cannot be read (broken links, symlink loops,
+links through a file, over-long names, permission denied, FIFOs and devices) are skipped and counted in the
+summary (listed unless --quiet); none of them stops the listing. A ROOT whose path holds a tab or newline is refused.
 """
 
 
@@ -36,7 +40,10 @@ def _kind(reason: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.min_images < 1:
         raise UserError(f"--min-images must be at least 1, got {args.min_images}")
-    res = scan_folder(args.root, exts=args.exts, min_images=args.min_images, aligned=args.aligned, absolute=True)
+    # A ROOT whose absolute path holds a tab/newline is refused by the scan; with --relative only the part of it that
+    # the lines would hold counts (none when the .lst sits inside ROOT), so scan relative to ROOT then.
+    absolute = not (args.relative and any(c in os.path.abspath(args.root) for c in "\t\n\r"))
+    res = scan_folder(args.root, exts=args.exts, min_images=args.min_images, aligned=args.aligned, absolute=absolute)
     to_stdout = args.output == "-"
     kinds = Counter(_kind(r) for _, r in res.skipped)
     skipped_msg = f"skipped {len(res.skipped)}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
@@ -49,7 +56,13 @@ def _run(args: argparse.Namespace) -> int:
     base = os.getcwd() if to_stdout else os.path.dirname(os.path.abspath(args.output))
     entries = res.entries
     if args.relative:
-        entries = [e.with_path(os.path.relpath(e.path, base)) for e in entries]
+        prefix = os.path.relpath(os.path.abspath(args.root), base)
+        if any(c in prefix for c in "\t\n\r"):
+            raise UserError(f"{prefix!r} (ROOT relative to the .lst's folder): {BAD_PATH}; rename or move the folder")
+        if absolute:
+            entries = [e.with_path(os.path.relpath(e.path, base)) for e in entries]
+        else:
+            entries = [e.with_path(os.path.normpath(os.path.join(prefix, e.path))) for e in entries]
     text = "".join(format_lst_line(e) + "\n" for e in entries)
     if to_stdout:
         sys.stdout.write(text)
@@ -77,7 +90,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "lst",
         help="make a face2rec2 .lst from a root/<identity>/<image> folder (dir2lst)",
         description="List a dataset folder (root/<identity>/<image>) as a face2rec2 .lst: one "
-        "'aligned<TAB>path<TAB>label' line per image, identities in sorted folder order with labels 0..C-1. "
+        "'aligned<TAB>path<TAB>label' line per image, identities in sorted folder order (numeric when every name is "
+        "a number) with labels 0..C-1. "
         "The result feeds `gpu-align pack` (aligned crops) or `gpu-align run` (photos) and InsightFace's face2rec2.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,8 +1,9 @@
 """``gpu-align pack``: aligned face crops listed in a face2rec2 ``.lst`` to a RecordIO dataset (face2rec2, aligned=1).
 
-The image bytes are stored as they are (no decode, no re-encode), like face2rec2 does for aligned lines. Each file
-is checked cheaply first (readable, a JPEG/PNG header, the ``--image-size`` pixel size); failures are skipped and
-listed in ``report.json``. Lines with aligned=0 (photos that need detection) are skipped and reported too.
+The image bytes are stored as they are (no re-encode), like face2rec2 does for aligned lines. Each file is checked
+first: a regular file of at most 64 MiB (a FIFO or a device is never opened in a blocking way), a JPEG/PNG header,
+the ``--image-size`` pixel size, and one strict decode (the check ``verify`` makes), so a truncated or corrupt crop
+is skipped instead of stored; failures are listed in ``report.json``. Lines with aligned=0 (photos that need detection) are skipped and reported too.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from packer.errors import UserError
-from packer.imageinfo import image_info
+from packer.imageinfo import NotRegularFileError, TooBigError, image_info, read_regular_file
 from packer.layout import LABEL_STYLES, LAYOUTS, DatasetWriter, PackItem, WriteSummary
 from packer.lst import LstEntry, read_lst
+from packer.reader import decode_image
 
 EPILOG = """\
 examples:
@@ -34,11 +36,14 @@ examples:
 
 Paths in the .lst may be absolute, or relative to --root (default: the .lst's folder). Identities get labels
 0..C-1 in the order they first appear in the .lst; each identity's lines must be consecutive.
-Skipped inputs (missing/unreadable/not JPEG or PNG/wrong size/aligned=0/too few images) are listed with reasons in
+Every crop is decoded once before it is stored. Skipped inputs (missing, unreadable or not a regular file, over
+64 MiB, not JPEG or PNG, wrong size, truncated, corrupt, aligned=0, too few images) are listed with reasons in
 DIR/report.json. Outputs are written as *.partial and renamed at the end; DIR/pack.state.json records progress.
 """
 
 _PREFETCH = 64  # files read ahead by the reader threads
+# An aligned crop is a few KB (a 1024×1024 PNG stays under 4 MB): a bigger file is not one, and is never read whole.
+MAX_CROP_BYTES = 64 << 20
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -54,6 +59,22 @@ def _image_size(text: str) -> tuple[int, int]:
     return size
 
 
+def _check_crop(data: bytes, fmt: str) -> str | None:
+    """Decode a stored crop once (as ``verify`` does): None if it decodes, else the skip reason.
+
+    A cut-off file is ``truncated``; damaged data, also where libjpeg-turbo recovers and only warns, ``corrupt``.
+    """
+    if fmt == "png" and data.rfind(b"IEND", 33) < 0:
+        return f"truncated: PNG has no IEND chunk ({len(data)} bytes)"
+    try:
+        decode_image(data)
+    except ValueError as e:
+        msg = str(e).removeprefix("corrupt JPEG: ")
+        kind = "truncated" if "Premature end of JPEG file" in msg else "corrupt"
+        return f"{kind}: {msg}"
+    return None
+
+
 def _load(entry: LstEntry, root: str, size: tuple[int, int]) -> PackItem:
     """Read one .lst entry's file and check it; a problem becomes a skip reason, never an exception."""
     path = os.path.abspath(os.path.join(root, entry.path))  # join keeps an absolute entry.path as it is
@@ -62,13 +83,18 @@ def _load(entry: LstEntry, root: str, size: tuple[int, int]) -> PackItem:
         item.skip_reason = "needs alignment: aligned=0 line (a photo); `gpu-align run` detects and aligns these"
         return item
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(path, MAX_CROP_BYTES)  # a FIFO or /dev/zero is refused, never read
     except FileNotFoundError:
         item.skip_reason = "missing file"
         return item
+    except NotRegularFileError:
+        item.skip_reason = "unreadable: not a regular file"
+        return item
+    except TooBigError as e:
+        item.skip_reason = f"too large: {e}"
+        return item
     except OSError as e:
-        item.skip_reason = f"unreadable file: {e.strerror}"
+        item.skip_reason = f"unreadable: {e.strerror}"
         return item
     info = image_info(data)
     if not data:
@@ -80,6 +106,8 @@ def _load(entry: LstEntry, root: str, size: tuple[int, int]) -> PackItem:
             f"wrong size: {info[1]}x{info[2]}, expected {size[1]}x{size[0]} (--image-size); "
             "photos that are not aligned crops need `gpu-align run`"
         )
+    elif (bad := _check_crop(data, info[0])) is not None:
+        item.skip_reason = bad
     else:
         item.body = data
     return item
