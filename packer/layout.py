@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from packer import recordio
+from packer import crcfile, recordio
 from packer.errors import UserError
 from packer.fsutil import atomic_write, fsync_dir, sync_file
 from packer.lst import LST_ENCODING, LST_ERRORS, LstEntry, format_lst_line
@@ -73,8 +73,9 @@ _STREAM = {
     "skipped": "skipped.jsonl",
     "notes": "notes.jsonl",
     "groups": "groups.jsonl",
+    "crc": "train.rec.crc",  # one checksum per record (packer.crcfile), read by verify
 }
-_OUTPUT_ORDER = ("train.rec", "train.idx", "train.lst", "property", REPORT_NAME)  # report.json renamed last
+_OUTPUT_ORDER = ("train.rec", "train.idx", "train.rec.crc", "train.lst", "property", REPORT_NAME)  # report last
 
 
 class _NoGroup:
@@ -130,6 +131,16 @@ def shuffle_order(n: int, seed: int) -> np.ndarray:
     if n == 0:
         return np.zeros(0, np.int64)
     return np.random.RandomState(seed).permutation(n).astype(np.int64)  # legacy RandomState: a frozen stream
+
+
+def _record_spans(f: BinaryIO, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each record in the first ``size`` bytes of the open ``.rec`` ``f``."""
+    spans = []
+    for offset, _ in recordio.scan_records(f):
+        if offset >= size:
+            break
+        spans.append((offset, f.tell()))
+    return spans
 
 
 def _report_bytes(obj: Any) -> bytes:
@@ -283,7 +294,7 @@ class DatasetWriter:
     def _our_names(self) -> list[str]:
         names = [*_OUTPUT_ORDER, STATE_NAME, STATE_NAME + ".tmp"]
         names += [n + _PARTIAL for n in (*_STREAM.values(), "property", REPORT_NAME)]
-        names += [n + _SHUFFLED for n in ("train.rec", "train.idx", "train.lst")]
+        names += [n + _SHUFFLED for n in ("train.rec", "train.idx", "train.rec.crc", "train.lst")]
         return names
 
     def _open(self, *, resume: bool, overwrite: bool) -> None:
@@ -334,6 +345,7 @@ class DatasetWriter:
             for key in _STREAM:
                 if key != "lst" or self.write_lst:
                     self._files[key] = open(self._partial(key), "wb")  # noqa: SIM115 - closed in close()/abort()
+            self._write("crc", crcfile.HEADER)
             self._commit()
         except BaseException:
             # Nothing was committed: leave no stray partials, so that rerunning the same command just works.
@@ -401,9 +413,16 @@ class DatasetWriter:
             try:
                 f = open(path, "r+b")  # noqa: SIM115 - closed in close()/abort()
             except FileNotFoundError:
-                if key != "notes" or self._sizes[key]:
+                if key == "crc" and "crc" not in state["sizes"]:
+                    # a pack begun before checksums existed: checksum what it committed (rec is truncated by now)
+                    f = open(path, "w+b")  # noqa: SIM115 - closed in close()/abort()
+                    with open(self._partial("rec"), "rb") as rec:
+                        spans = _record_spans(rec, self._sizes["rec"])
+                        self._sizes["crc"] = f.write(crcfile.HEADER + crcfile.span_entries(rec, spans))
+                elif key != "notes" or self._sizes[key]:
                     raise UserError(f"{path} is missing; this pack cannot be resumed, rerun with --overwrite") from None
-                f = open(path, "w+b")  # noqa: SIM115 - a pack begun before notes existed: nothing was noted yet
+                else:
+                    f = open(path, "w+b")  # noqa: SIM115 - a pack begun before notes existed: nothing was noted yet
             self._files[key] = f
             have = os.fstat(f.fileno()).st_size
             if have < self._sizes[key]:
@@ -456,6 +475,7 @@ class DatasetWriter:
         label = len(self._ranges) if keep and n_good else None
         too_few = f"too few images: identity has {n_good}, fewer than min_images={self.min_images}"
         recs: list[bytes] = []
+        crcs: list[bytes] = []
         idx: list[str] = []
         lsts: list[str] = []
         skipped: list[str] = []
@@ -472,6 +492,7 @@ class DatasetWriter:
                 continue
             rec = recordio.encode_record(recordio.pack(recordio.IRHeader(0, label_value, key, 0), it.body))
             recs.append(rec)
+            crcs.append(crcfile.entry(rec))
             idx.append(f"{key}\t{offset}\n")
             offset += len(rec)
             key += 1
@@ -482,6 +503,7 @@ class DatasetWriter:
         try:
             self._write("rec", b"".join(recs))
             self._write("idx", "".join(idx).encode())
+            self._write("crc", b"".join(crcs))
             if self.write_lst:
                 self._write("lst", "".join(lsts).encode(LST_ENCODING, LST_ERRORS))
             self._write("skipped", "".join(skipped).encode())
@@ -577,12 +599,12 @@ class DatasetWriter:
         )
 
     def _finalize(self, report_extra: dict | None) -> None:
-        for key in ("rec", "idx"):  # drop meta records of an earlier, interrupted finalize
+        for key in ("rec", "idx", "crc"):  # drop meta records of an earlier, interrupted finalize
             f = self._files[key]
             f.flush()
             f.truncate(self._sizes[key])
             f.seek(self._sizes[key])
-        outputs = {"train.rec": "train.rec" + _PARTIAL, "train.idx": "train.idx" + _PARTIAL}
+        outputs = {name: name + _PARTIAL for name in ("train.rec", "train.idx", "train.rec.crc")}
         if self.write_lst:
             outputs["train.lst"] = "train.lst" + _PARTIAL
         if self.layout == "insightface":
@@ -610,12 +632,13 @@ class DatasetWriter:
         n, k = self._num_images, len(self._ranges)
         metas = [(0, [float(n + 1), float(n + 1 + k)])]
         metas += [(n + 1 + i, [float(s), float(e)]) for i, (s, e) in enumerate(self._ranges)]
-        rec, idx = self._files["rec"], self._files["idx"]
+        rec, idx, crc = self._files["rec"], self._files["idx"], self._files["crc"]
         offset = self._sizes["rec"]
         lines = []
         for key, label in metas:
             data = recordio.encode_record(recordio.pack(recordio.IRHeader(0, label, key, 0), b""))
             rec.write(data)
+            crc.write(crcfile.entry(data))
             lines.append(f"{key}\t{offset}\n")
             offset += len(data)
         idx.write("".join(lines).encode())
@@ -634,11 +657,14 @@ class DatasetWriter:
             with open(self._partial("lst"), "rb") as f:
                 lens = [len(line) for line in f.read(self._sizes["lst"]).splitlines(keepends=True)]
             lst_starts[1:] = np.cumsum(lens)[:-1] if n else []
-        out = {name: self.out_dir / (name + _SHUFFLED) for name in ("train.rec", "train.idx", "train.lst")}
+        names = ("train.rec", "train.idx", "train.rec.crc", "train.lst")
+        out = {name: self.out_dir / (name + _SHUFFLED) for name in names}
         with contextlib.ExitStack() as stack:
             src_rec = stack.enter_context(open(self._partial("rec"), "rb"))
             dst_rec = stack.enter_context(open(out["train.rec"], "wb"))
             dst_idx = stack.enter_context(open(out["train.idx"], "wb"))
+            dst_crc = stack.enter_context(open(out["train.rec.crc"], "wb"))
+            dst_crc.write(crcfile.HEADER)
             if self.write_lst:
                 src_lst = stack.enter_context(open(self._partial("lst"), "rb"))
                 dst_lst = stack.enter_context(open(out["train.lst"], "wb"))
@@ -648,6 +674,7 @@ class DatasetWriter:
                 struct.pack_into("<Q", payload, 8, j)  # IRHeader.id = key
                 data = recordio.encode_record(payload)
                 dst_rec.write(data)
+                dst_crc.write(crcfile.entry(data))
                 dst_idx.write(f"{j}\t{pos}\n".encode())
                 pos += len(data)
                 if self.write_lst:
@@ -655,7 +682,7 @@ class DatasetWriter:
                     dst_lst.write(src_lst.readline())
                 if self._slow:
                     time.sleep(self._slow)
-            for f in (dst_rec, dst_idx, *([dst_lst] if self.write_lst else [])):
+            for f in (dst_rec, dst_idx, dst_crc, *([dst_lst] if self.write_lst else [])):
                 sync_file(f)
 
     def _report(self, files: list[str], extra: dict | None) -> dict:

@@ -25,6 +25,7 @@ from packer.errors import UserError
 from packer.layout import DatasetWriter, PackItem, WriteSummary
 from packer.lst import LstEntry, read_lst
 from packer.reader import DatasetReader, image_shape
+from packer.verify import check_index_or_refuse
 
 __all__ = ["MergeSource", "merge_datasets"]
 
@@ -144,12 +145,16 @@ def merge_datasets(
     overwrite: bool = False,
     progress: bool = False,
     command: str = "merge",
+    force: bool = False,
 ) -> tuple[WriteSummary, list[str]]:
     """Merge the datasets ``inputs`` (folders or .rec files) into ``out``; returns the writer's summary and notes.
 
     Keys and labels are renumbered (labels 0..C-1 in output order), each identity's images stay together and
     their stored bytes are copied as-is. ``train.lst`` is written when every input has one (one line per
     image); its lines keep their paths and get the new labels. See the module doc for ``by_name``.
+
+    Each input's index is checked first (:func:`packer.verify.check_index_or_refuse`: the rules of ``verify`` on the
+    .idx, layout and labels); a problem is a UserError unless ``force``.
     """
     if not inputs:
         raise UserError("no input datasets")
@@ -157,7 +162,9 @@ def merge_datasets(
     notes: list[str] = []
     readers: list[DatasetReader] = []
     try:
+        verb = "merge" if command == "merge" else "convert"
         for p in inputs:
+            notes += check_index_or_refuse(p, force=force, verb=verb)
             reader = DatasetReader(p)
             readers.append(reader)
             if reader.paths.dir.resolve() == out_path:

@@ -36,11 +36,16 @@ __all__ = [
     "image_ext",
     "image_format",
     "image_shape",
+    "is_meta_record",
     "iter_index",
     "label_of",
+    "meta_label_ok",
+    "parse_index_line",
+    "read_head_span",
     "read_index",
     "read_property",
     "resolve_dataset",
+    "style_of_flags",
 ]
 
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -81,6 +86,11 @@ class DatasetPaths:
     def lst(self) -> Path:
         return self.rec.with_suffix(".lst")
 
+    @property
+    def crc(self) -> Path:
+        """The checksum sidecar (``train.rec.crc``; see packer.crcfile)."""
+        return self.rec.with_name(self.rec.name + ".crc")
+
 
 # --------------------------------------------------------------------------------------------------- paths, files
 
@@ -112,26 +122,49 @@ def resolve_dataset(path: str | os.PathLike, *, need_idx: bool = True) -> Datase
     return DatasetPaths(rec=rec, idx=idx, dir=rec.parent)
 
 
-def iter_index(idx_path: str | os.PathLike) -> Iterator[tuple[int, tuple[int, int] | None, str]]:
-    """``(line number, (key, offset) or None if malformed, line text)`` for each non-blank line of a ``.idx``."""
+def parse_index_line(line: bytes) -> tuple[tuple[int, int] | None, str | None]:
+    """``((key, offset) or None, why mxnet cannot read it or None)`` for one ``.idx`` line.
+
+    mxnet's ``MXIndexedRecordIO`` does ``line.strip().split('\\t')``, then ``int()`` of the first two fields: a blank
+    line or a ``key offset`` line separated by spaces stops it with a ValueError. Our readers are lenient (any
+    whitespace, blank lines skipped), so the entry is still returned where it can be; the second value says why the
+    line is not what mxnet accepts.
+    """
+    fields = line.strip().split(b"\t")
+    with contextlib.suppress(ValueError, IndexError):
+        return (int(fields[0]), int(fields[1])), None
+    loose = line.split()
+    if not loose:
+        return None, "blank line (mxnet's MXIndexedRecordIO fails on it with a ValueError)"
+    entry = None
+    if len(loose) == 2:
+        with contextlib.suppress(ValueError):
+            entry = (int(loose[0]), int(loose[1]))
+    text = line[:60].decode("latin-1").rstrip()
+    if entry is not None:
+        return entry, f"{text!r} is not separated by a tab (mxnet splits 'key<TAB>offset' on tabs and fails)"
+    return None, f"expected 'key<TAB>offset', got {text!r}"
+
+
+def iter_index(idx_path: str | os.PathLike) -> Iterator[tuple[int, tuple[int, int] | None, str | None]]:
+    """``(line number, (key, offset) or None, problem or None)`` per line of a ``.idx`` (see parse_index_line)."""
     with open(idx_path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            entry = None
-            if len(fields) == 2:
-                with contextlib.suppress(ValueError):
-                    entry = (int(fields[0]), int(fields[1]))
-            yield lineno, entry, line[:60].decode("latin-1").rstrip()
+            entry, problem = parse_index_line(line)
+            yield lineno, entry, problem
 
 
 def read_index(idx_path: str | os.PathLike) -> list[tuple[int, int]]:
-    """The ``(key, offset)`` entries of a ``.idx`` file in file order; UserError with the line number if malformed."""
+    """The ``(key, offset)`` entries of a ``.idx`` file in file order; UserError with the line number if malformed.
+
+    Lenient like our RecordIO reader: blank lines are skipped, any whitespace separates (``verify`` reports both).
+    """
     entries: list[tuple[int, int]] = []
-    for lineno, entry, text in iter_index(idx_path):
+    for lineno, entry, problem in iter_index(idx_path):
         if entry is None:
-            raise UserError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {text!r}")
+            if problem and problem.startswith("blank line"):
+                continue
+            raise UserError(f"{idx_path}:{lineno}: {problem}")
         entries.append(entry)
     return entries
 
@@ -244,16 +277,28 @@ def label_of(header: IRHeader) -> int:
     return int(label)
 
 
+def is_meta_record(flag, body_len):
+    """A meta record (key 0 or an identity record): flag >= 2 (a label list) and no body. Scalars or arrays."""
+    return (np.asarray(flag) >= 2) & (np.asarray(body_len) == 0)
+
+
+def meta_label_ok(first, end):
+    """Key 0's label ``[N+1, N+1+K]`` is valid: integers with N >= 0, K >= 0. Scalars or arrays."""
+    a, b = np.asarray(first, np.float64), np.asarray(end, np.float64)
+    with np.errstate(invalid="ignore"):
+        return (a >= 1) & (b >= a) & (a == np.floor(a)) & (b == np.floor(b))
+
+
 def _is_meta_header(header: IRHeader, body: bytes) -> bool:
-    """Key 0 of the insightface layout: flag >= 2, empty body, label ``[N+1, N+1+K]`` with N >= 0, K >= 0."""
-    if header.flag < 2 or body:
+    """Key 0 of the insightface layout: a meta record whose label is ``[N+1, N+1+K]`` with N >= 0, K >= 0."""
+    if not is_meta_record(header.flag, len(body)):
         return False
-    a, b = float(header.label[0]), float(header.label[1])
-    return a >= 1 and b >= a and a.is_integer() and b.is_integer()
+    return bool(meta_label_ok(header.label[0], header.label[1]))
 
 
-def _read_head(f: BinaryIO, offset: int, size: int) -> tuple[IRHeader, int]:
-    """Header of the record at ``offset`` and its body length, reading only the first bytes when possible."""
+def read_head_span(f: BinaryIO, offset: int, size: int) -> tuple[IRHeader, int, int]:
+    """Header of the record at ``offset``, its body length and its end offset (after the padding), reading only
+    the first bytes of a one-part record. RecordIOError if no whole record starts there."""
     f.seek(offset)
     head = f.read(8 + 32)
     if len(head) >= 8 + 24 and head[:4] == _MAGIC_BYTES:
@@ -261,13 +306,20 @@ def _read_head(f: BinaryIO, offset: int, size: int) -> tuple[IRHeader, int]:
         cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
         flag = struct.unpack_from("<I", head, 8)[0]
         need = 24 + 4 * flag
-        if cflag == 0 and length >= need and offset + 8 + length <= size:
+        end = offset + 8 + ((length + 3) & ~3)
+        if cflag == 0 and length >= need and end <= size:
             if need > len(head) - 8:
                 head += f.read(need - (len(head) - 8))
             header, _ = unpack(head[8 : 8 + need])
-            return header, length - need
+            return header, length - need, end
     header, body = unpack(read_record_at(f, offset))
-    return header, len(body)
+    return header, len(body), f.tell()
+
+
+def _read_head(f: BinaryIO, offset: int, size: int) -> tuple[IRHeader, int]:
+    """Header of the record at ``offset`` and its body length, reading only the first bytes when possible."""
+    header, body_len, _ = read_head_span(f, offset, size)
+    return header, body_len
 
 
 # --------------------------------------------------------------------------------------------------- reader
@@ -460,7 +512,7 @@ class DatasetReader:
                     raise UserError(f"{self.paths.rec}: key {int(keys[i])}: {e}") from None
                 labels[i], flags[i] = label_of(h), h.flag
             self._labels = labels
-            self._label_style = _style_of_flags(flags)
+            self._label_style = style_of_flags(flags)
         return self._labels
 
     @property
@@ -474,11 +526,12 @@ class DatasetReader:
             if len(keys) == 0:
                 return "none"
             picks = sorted({int(keys[round(i * (len(keys) - 1) / 16)]) for i in range(17)})
-            self._label_style = _style_of_flags(np.asarray([self.read_header(k).flag for k in picks]))
+            self._label_style = style_of_flags(np.asarray([self.read_header(k).flag for k in picks]))
         return self._label_style
 
 
-def _style_of_flags(flags: np.ndarray) -> str:
+def style_of_flags(flags: np.ndarray) -> str:
+    """Label style of image records from their flags: ``scalar`` (0), ``pair`` (lists), ``mixed``, ``none``."""
     if flags.size == 0:
         return "none"
     scalar = bool((flags == 0).any())

@@ -9,6 +9,7 @@ the end of the file), so a false resync inside image data is practically impossi
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -23,11 +24,13 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Record:
-    """A whole record: ``offset`` of its first magic, ``end`` (offset after its padding), ``payload``."""
+    """A whole record: ``offset`` of its first magic, ``end`` (offset after its padding), ``payload``; ``crc``:
+    ``zlib.crc32`` of its on-disk bytes ``[offset, end)`` when the scan was asked for it (else None)."""
 
     offset: int
     end: int
     payload: bytes
+    crc: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,12 @@ def _resync(f: BinaryIO, start: int, size: int) -> int:
     return size
 
 
-def scan_rec(f: BinaryIO, size: int, start: int = 0) -> Iterator[Record | Damage]:
+def scan_rec(f: BinaryIO, size: int, start: int = 0, *, crc: bool = False) -> Iterator[Record | Damage]:
     """Every whole record and every damaged span of the open ``.rec`` ``f`` (``size`` bytes), in file order.
 
     Records come as :class:`Record`; bytes that are not part of a whole record come as :class:`Damage`, after
-    which the scan resumes at the next whole record (or ends with a Damage that runs to ``size``).
+    which the scan resumes at the next whole record (or ends with a Damage that runs to ``size``). With ``crc``
+    each Record carries the CRC-32 of its bytes on disk (read again from the page cache: padding included).
     """
     offset = start
     while offset < size:
@@ -94,5 +98,9 @@ def scan_rec(f: BinaryIO, size: int, start: int = 0) -> Iterator[Record | Damage
             offset = nxt
             continue
         end = f.tell()
-        yield Record(offset, end, payload)
+        checksum = None
+        if crc:
+            f.seek(offset)
+            checksum = zlib.crc32(f.read(end - offset))
+        yield Record(offset, end, payload, checksum)
         offset = end

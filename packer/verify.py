@@ -1,7 +1,13 @@
-"""Full integrity check of a RecordIO face dataset: structure, index, layout, labels, property and images.
+"""Integrity checks of a RecordIO face dataset: structure, index, layout, labels, property, images, checksums.
 
-One sequential pass over the ``.rec`` (damage-tolerant, see ``packer.recscan``) collects every record's header;
-image bodies are decoded on a thread pool meanwhile. The checks then run vectorised over the collected arrays.
+:func:`verify_dataset` (``gpu-align verify``): one sequential pass over the ``.rec`` (damage-tolerant, see
+``packer.recscan``) collects every record's header (and, when ``train.rec.crc`` exists, its CRC-32); image bodies
+are decoded on a thread pool meanwhile. The checks then run vectorised over the collected arrays.
+
+:func:`validate_index` (what ``merge``, ``to-flat`` and ``unpack`` run first): the same index, layout and label
+rules, from the ``.idx`` and one header read per key instead of a scan (bytes no key covers are reported too), so it
+costs what reading the labels costs. :func:`check_index_or_refuse` turns its problems into one error line.
+
 The report keeps the first ``max_problems`` problems in detail (key, byte offset) and counts all of them by kind.
 """
 
@@ -17,25 +23,46 @@ from pathlib import Path
 
 import numpy as np
 
+from packer import crcfile
 from packer.errors import UserError
-from packer.reader import Property, decode_image, image_shape, iter_index, read_property, resolve_dataset
+from packer.reader import (
+    DatasetPaths,
+    Property,
+    decode_image,
+    image_shape,
+    is_meta_record,
+    iter_index,
+    meta_label_ok,
+    read_head_span,
+    read_property,
+    resolve_dataset,
+    style_of_flags,
+)
 from packer.recordio import MAGIC, RecordIOError, unpack
 from packer.recscan import Damage, scan_rec
 
-__all__ = ["PROBLEM_KINDS", "Problem", "VerifyReport", "verify_dataset"]
+__all__ = [
+    "PROBLEM_KINDS",
+    "TOOL_BLOCKING",
+    "Problem",
+    "VerifyReport",
+    "check_index_or_refuse",
+    "validate_index",
+    "verify_dataset",
+]
 
 # kind -> what it means (printed with the counts)
 PROBLEM_KINDS = {
     "truncated": "the .rec ends inside a record",
     "damaged": "bytes in the .rec that hold no whole record",
     "bad-record": "a record too short for its header",
-    "index-line": "malformed .idx line",
+    "index-line": ".idx line mxnet's reader rejects (malformed, blank, or not tab-separated)",
     "duplicate-key": "a key listed more than once in the .idx",
     "duplicate-offset": "several keys pointing at one record",
     "offset-past-end": ".idx offset at or past the end of the .rec",
     "offset-damaged": ".idx offset inside damaged bytes",
     "offset-not-record": ".idx offset that is not the start of a record",
-    "unindexed": "record missing from the .idx",
+    "unindexed": "record (or bytes) of the .rec that no .idx key covers",
     "missing-key": "key the layout needs but the .idx lacks",
     "extra-key": "key outside the layout's key ranges",
     "header": "key 0 header record wrong",
@@ -48,7 +75,12 @@ PROBLEM_KINDS = {
     "empty-image": "image record without image bytes",
     "decode": "image bytes that do not decode",
     "image-size": "image size differs from the property / the other images",
+    "checksum": "record bytes differ from their checksum in the .rec.crc sidecar (changed after writing)",
+    "checksum-file": ".rec.crc sidecar unreadable or describing another .rec",
 }
+# What merge / to-flat / unpack refuse to read (unless --force): everything validate_index finds except the
+# property file (they rewrite it) and mixed label styles (merge reads both and says so).
+TOOL_BLOCKING = frozenset(PROBLEM_KINDS) - {"property", "label-style"}
 
 
 @dataclass(frozen=True)
@@ -114,9 +146,10 @@ class VerifyReport:
 def _parse_index(path: Path, rep: VerifyReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """keys, offsets, line numbers of the well-formed .idx lines (int64 arrays); bad lines become problems."""
     keys, offsets, lines = array("q"), array("q"), array("q")
-    for lineno, entry, text in iter_index(path):
+    for lineno, entry, problem in iter_index(path):
+        if problem is not None:
+            rep.add("index-line", f"{path.name}:{lineno}: {problem}")
         if entry is None:
-            rep.add("index-line", f"{path.name}:{lineno}: expected 'key<TAB>offset', got {text!r}")
             continue
         keys.append(entry[0])
         offsets.append(entry[1])
@@ -206,7 +239,9 @@ def verify_dataset(
 
     rec_off, rec_end = array("q"), array("q")
     rec_flag, rec_l0, rec_l1, rec_id, rec_body = array("q"), array("d"), array("d"), array("q"), array("q")
+    rec_crc, crc_off, crc_end = array("q"), array("q"), array("q")  # every whole record, parsable or not
     damages: list[Damage] = []
+    with_crc = paths.crc.is_file()
     checker = _ImageChecker(decode, workers or min(8, os.cpu_count() or 1))
 
     with open(paths.rec, "rb") as f:
@@ -219,12 +254,16 @@ def verify_dataset(
             )
         bar = _progress(size, progress)
         try:
-            for item in scan_rec(f, size):
+            for item in scan_rec(f, size, crc=with_crc):
                 if isinstance(item, Damage):
                     damages.append(item)
                     bar(item.end - item.start)
                     continue
                 bar(item.end - item.offset)
+                if with_crc:
+                    crc_off.append(item.offset)
+                    crc_end.append(item.end)
+                    rec_crc.append(item.crc)
                 try:
                     header, body = unpack(item.payload)
                 except RecordIOError as e:
@@ -264,11 +303,149 @@ def verify_dataset(
         raise UserError(f"{paths.rec} holds no readable RecordIO record: {damages[0].reason}")
 
     _check_damage(rep, paths.rec.name, damages, recs)
-    _check_index(rep, paths, idx_keys, idx_offsets, idx_lines, recs, damages, size)
+    _check_index_entries(rep, paths.idx.name, idx_keys, idx_offsets, idx_lines)
+    _check_index_offsets(rep, paths, idx_keys, idx_offsets, idx_lines, recs, damages, size)
     image_mask = _check_layout(rep, idx_keys, recs, prop)
     _check_labels(rep, recs, image_mask, prop)
     _check_images_results(rep, recs, image_mask, results, prop)
+    if with_crc:
+        scanned = (np.frombuffer(crc_off, np.int64), np.frombuffer(crc_end, np.int64), np.frombuffer(rec_crc, np.int64))
+        _check_crc(rep, paths, scanned, damages, sorted_offsets, sorted_keys, size)
     return rep
+
+
+def _check_crc(rep: VerifyReport, paths: DatasetPaths, scanned, damages, sorted_offsets, sorted_keys, size) -> None:
+    """Every whole record must be one the sidecar describes, with the same bytes; the sidecar must cover the .rec."""
+    name = paths.crc.name
+    try:
+        starts, sizes, crcs = crcfile.read_crc(paths.crc)
+    except (OSError, crcfile.CrcFileError) as e:
+        rep.add("checksum-file", f"{e}; rewrite it with: gpu-align reindex {paths.rec}")
+        return
+    total = int(sizes.sum())
+    if total != size:
+        rep.add(
+            "checksum-file",
+            f"{name} describes {len(sizes)} records of {total} bytes, but {paths.rec.name} has {size} bytes "
+            "(the .rec was cut, extended or replaced after it was written)",
+        )
+    off, end, crc = scanned
+    pos = np.minimum(np.searchsorted(starts, off), max(len(starts) - 1, 0))
+    known = (pos < len(starts)) & (starts[pos] == off) if len(starts) else np.zeros(len(off), bool)
+    for j in np.flatnonzero(~known | (starts[pos] + sizes[pos] != end) | (crcs[pos] != crc)):
+        o, key = int(off[j]), _key_at(sorted_offsets, sorted_keys, int(off[j]))
+        who = f"record at byte {o}" + (f" (key {key})" if key >= 0 else "")
+        if not known[j]:
+            why = f"does not start where a record of {name} starts (records were added, removed or moved)"
+        elif starts[pos[j]] + sizes[pos[j]] != end[j]:
+            why = f"is {int(end[j]) - o} bytes long, {name} says {int(sizes[pos[j]])}"
+        else:
+            why = f"has CRC-32 {int(crc[j]):08x}, {name} says {int(crcs[pos[j]]):08x}: its bytes changed after writing"
+        rep.add("checksum", f"{who} {why}", key if key >= 0 else None, o)
+    # records of the sidecar that no whole record matches and no damage (already reported) explains
+    seen = np.isin(starts, off)
+    for i in np.flatnonzero(~seen):
+        o = int(starts[i])
+        if o >= size or any(d.start <= o < d.end for d in damages):
+            continue
+        rep.add("checksum", f"{name} lists a record at byte {o} that is not there in {paths.rec.name}", offset=o)
+
+
+def validate_index(path: str | os.PathLike, *, max_problems: int = 20) -> VerifyReport:
+    """The index, layout and label checks of :func:`verify_dataset` without scanning the ``.rec``.
+
+    Reads the ``.idx`` and one header per distinct offset (in offset order); byte ranges of the ``.rec`` that no
+    indexed record covers are ``unindexed`` problems (an empty ``.idx`` beside a full ``.rec``, lost lines).
+    Neither image bodies nor checksums are read: ``verify`` does that.
+    """
+    paths = resolve_dataset(path)
+    rep = VerifyReport(rec=paths.rec, idx=paths.idx, decoded=False, max_problems=max_problems)
+    prop: Property | None = None
+    try:
+        prop = read_property(paths.property_file)
+    except UserError as e:
+        rep.add("property", str(e))
+    idx_keys, idx_offsets, idx_lines = _parse_index(paths.idx, rep)
+    name = paths.idx.name
+    _check_index_entries(rep, name, idx_keys, idx_offsets, idx_lines)
+    uniq_off, first = np.unique(idx_offsets, return_index=True)  # each record once, under its first-listed key
+    cols = {c: array("q") for c in ("off", "end", "key", "flag", "id", "body")}
+    l0, l1 = array("d"), array("d")
+    with open(paths.rec, "rb") as f:
+        size = rep.rec_bytes = os.fstat(f.fileno()).st_size
+        if size and f.read(4) != MAGIC.to_bytes(4, "little"):
+            raise UserError(f"{paths.rec} is not a RecordIO file (it does not start with the RecordIO magic)")
+        for o, i in zip(uniq_off.tolist(), first.tolist(), strict=True):
+            k = int(idx_keys[i])
+            where = f"{name}:{int(idx_lines[i])}: key {k} points at byte {o}"
+            if o < 0 or o >= size:
+                kind, why = ("offset-not-record", "a negative offset") if o < 0 else ("offset-past-end", "")
+                rep.add(kind, f"{where}, {why or f'past the end of {paths.rec.name} ({size} bytes)'}", k, o)
+                continue
+            try:
+                header, body_len, end = read_head_span(f, o, size)
+            except RecordIOError as e:
+                kind = "offset-not-record" if "expected RecordIO magic" in str(e) else "offset-damaged"
+                rep.add(kind, f"{where}, where no whole record starts ({_strip_where(str(e))})", k, o)
+                continue
+            for c, v in (("off", o), ("end", end), ("key", k), ("flag", header.flag), ("id", header.id)):
+                cols[c].append(v)
+            cols["body"].append(body_len)
+            label = np.ravel(np.asarray(header.label, np.float64))
+            l0.append(float(label[0]) if label.size else np.nan)
+            l1.append(float(label[1]) if header.flag > 1 else np.nan)
+    recs = {c: np.frombuffer(v, np.int64) for c, v in cols.items()}
+    recs["l0"], recs["l1"] = np.frombuffer(l0, np.float64), np.frombuffer(l1, np.float64)
+    rep.num_records = len(recs["off"])
+    _check_coverage(rep, paths, recs, size)
+    image_mask = _check_layout(rep, idx_keys, recs, prop)
+    _check_labels(rep, recs, image_mask, prop)
+    return rep
+
+
+def _check_coverage(rep: VerifyReport, paths: DatasetPaths, recs: dict, size: int) -> None:
+    """Indexed records (sorted by offset) must tile the .rec: no bytes outside them, none inside two of them."""
+    off, end = recs["off"], recs["end"]
+    reach = np.maximum.accumulate(np.concatenate([[0], end]))  # reach[j]: the furthest end before record j
+    for j in np.flatnonzero(off != reach[:-1]):
+        o, k = int(off[j]), int(recs["key"][j])
+        if o < reach[j]:
+            rep.add("offset-not-record", f"{paths.idx.name}: key {k} points at byte {o}, inside another record", k, o)
+        else:
+            _gap(rep, paths, int(reach[j]), o)
+    if int(reach[-1]) < size:
+        _gap(rep, paths, int(reach[-1]), size)
+
+
+def _gap(rep: VerifyReport, paths: DatasetPaths, start: int, end: int) -> None:
+    rep.add(
+        "unindexed",
+        f"bytes {start}..{end} of {paths.rec.name} ({end - start} bytes) are covered by no key of {paths.idx.name} "
+        "(records missing from the index, or damage)",
+        offset=start,
+    )
+
+
+def check_index_or_refuse(path: str | os.PathLike, *, force: bool, verb: str) -> list[str]:
+    """Run :func:`validate_index` before a tool reads ``path``; UserError naming the problem, unless ``force``.
+
+    ``verb`` says what the tool does (``"merge"``, ``"convert"``, ``"unpack"``). Returns notes for the user (what
+    ``--force`` let through), empty when the index is clean.
+    """
+    rep = validate_index(path, max_problems=50)
+    blocking = {k: n for k, n in rep.counts.items() if k in TOOL_BLOCKING}
+    if not blocking:
+        return []
+    first = next((p.message for p in rep.problems if p.kind in TOOL_BLOCKING), "")
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(blocking.items()))
+    summary = f"{rep.idx} does not match {rep.rec.name} ({counts}; first: {first})"
+    if force:
+        return [f"--force: reading it anyway: {summary}"]
+    raise UserError(
+        f"{summary}. Refusing to {verb} it (images would change class or be lost): see 'gpu-align verify "
+        f"{rep.rec.parent}', rebuild the index with 'gpu-align reindex {rep.rec} --repair', or pass --force to "
+        f"{verb} it as it is"
+    )
 
 
 def _keys_at(sorted_offsets: np.ndarray, sorted_keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -320,8 +497,8 @@ def _check_damage(rep: VerifyReport, rec_name: str, damages: list[Damage], recs:
             )
 
 
-def _check_index(rep, paths, idx_keys, idx_offsets, idx_lines, recs, damages, size) -> None:
-    name = paths.idx.name
+def _check_index_entries(rep: VerifyReport, name: str, idx_keys, idx_offsets, idx_lines) -> None:
+    """Rules on the .idx alone: each key once, each record under one key."""
     uniq, counts = np.unique(idx_keys, return_counts=True)
     for k in uniq[counts > 1]:
         lines = idx_lines[idx_keys == k]
@@ -331,6 +508,10 @@ def _check_index(rep, paths, idx_keys, idx_offsets, idx_lines, recs, damages, si
         ks = idx_keys[idx_offsets == o]
         rep.add("duplicate-offset", f"{name}: keys {_short(ks)} all point at byte {o}", int(ks[0]), int(o))
 
+
+def _check_index_offsets(rep, paths, idx_keys, idx_offsets, idx_lines, recs, damages, size) -> None:
+    """Every .idx offset starts a whole record of the scan; every scanned record is indexed."""
+    name = paths.idx.name
     off = recs["off"]
     found = np.isin(idx_offsets, off)
     for i in np.flatnonzero(~found):
@@ -369,8 +550,8 @@ def _check_layout(rep: VerifyReport, idx_keys: np.ndarray, recs: dict, prop: Pro
     if len(zero):
         z = zero[0]
         a, b = recs["l0"][z], recs["l1"][z]
-        is_meta0 = flag[z] >= 2 and body[z] == 0
-        if is_meta0 and not (a >= 1 and b >= a and float(a).is_integer() and float(b).is_integer()):
+        is_meta0 = bool(is_meta_record(flag[z], body[z]))
+        if is_meta0 and not meta_label_ok(a, b):
             rep.add("header", f"key 0 label [{a:g}, {b:g}] is not [N+1, N+1+K] with N, K >= 0", 0, int(recs["off"][z]))
             rep.layout = "unknown"
             return indexed & (body > 0)
@@ -472,7 +653,7 @@ def _check_labels(rep: VerifyReport, recs: dict, images: np.ndarray, prop: Prope
     if not len(idx):
         return
     scalar, listed = idx[flag[idx] == 0], idx[flag[idx] > 0]
-    rep.label_style = "mixed" if len(scalar) and len(listed) else ("scalar" if len(scalar) else "pair")
+    rep.label_style = style_of_flags(flag[idx])
     if rep.label_style == "mixed":
         rep.add(
             "label-style",

@@ -154,7 +154,8 @@ def test_pack_default_insightface_scalar(faces, tmp_path, capsys):
     assert recs[7][1] == (faces / "faces/id01/001.jpg").read_bytes()  # bytes stored as-is
     assert (out / "property").read_text() == "24,112,112\n"
     assert (out / "train.lst").read_text() == (faces / "faces.lst").read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["property", "report.json", "train.idx", "train.lst", "train.rec"]
+    names = ["property", "report.json", "train.idx", "train.lst", "train.rec", "train.rec.crc"]
+    assert sorted(p.name for p in out.iterdir()) == names
 
 
 def _bad_lst(faces: Path, tmp_path: Path) -> Path:

@@ -77,7 +77,8 @@ def test_insightface_layout_keys_labels_meta_records(tmp_path, crops, style):
     items = _items(crops)
     s = _write(tmp_path / "out", items, label_style=style)
     d = tmp_path / "out"
-    assert sorted(p.name for p in d.iterdir()) == ["property", "report.json", "train.idx", "train.lst", "train.rec"]
+    names = ["property", "report.json", "train.idx", "train.lst", "train.rec", "train.rec.crc"]
+    assert sorted(p.name for p in d.iterdir()) == names
     keys, recs, offsets = _read(d)
     n, k = 6, 3
     assert keys == [1, 2, 3, 4, 5, 6, 0, 7, 8, 9]  # face2rec2 order: images, header, identities

@@ -45,9 +45,10 @@ def test_unpack_writes_stored_bytes(tmp_path, ids, kind, capsys):
     assert run(["unpack", str(tmp_path / "ds"), "--out", str(out), "-q"]) == 0
     assert f"unpacked {N} images of {K} labels" in capsys.readouterr().out
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == sorted(f"{label}/{key}.jpg" for key, (label, _) in images.items())
+    width = len(str(max(images)))  # keys zero-padded to the widest key (labels here are one digit)
+    assert files == sorted(f"{label}/{key:0{width}d}.jpg" for key, (label, _) in images.items())
     for key, (label, body) in images.items():
-        assert (out / str(label) / f"{key}.jpg").read_bytes() == body
+        assert (out / str(label) / f"{key:0{width}d}.jpg").read_bytes() == body
 
 
 def test_unpack_png_extension_and_overwrite(tmp_path, ids, capsys):

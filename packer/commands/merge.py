@@ -23,6 +23,11 @@ Identities across shards:
 train.lst is written when every shard has one (paths kept, labels renumbered). Outputs are written as
 *.partial and renamed at the end; an interrupted merge continues with --resume.
 
+Each shard's index is checked first with the rules of 'gpu-align verify' (offsets that point at another
+identity's record, two keys on one record, keys missing, bytes of the .rec no key covers, an empty train.idx
+beside a full train.rec): a problem stops the merge with one error line. Fix it with
+'gpu-align reindex SHARD --repair', or pass --force to merge the shard as its index describes it.
+
 examples:
   gpu-align merge shard0 shard1 shard2 --out merged
   gpu-align merge part_a part_b --out merged --by-name --label-style pair
@@ -54,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        force=args.force,
     )
     print_summary(summary, notes)
     return 0
@@ -69,6 +75,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", help="continue an interrupted run into DIR")
     group.add_argument("--overwrite", action="store_true", help="replace gpu-align's files in DIR")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="read inputs whose index fails the checks of 'gpu-align verify' (see below) instead of refusing",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -16,6 +16,9 @@ for a dataset whose labels are already contiguous). train.lst and property are w
 --shuffle SEED permutes the records (numpy RandomState(SEED).permutation): the same seed gives the same
 file, byte for byte. Without it the records keep the class order.
 
+The index is checked first with the rules of 'gpu-align verify' (as merge does); a problem stops with one
+error line: fix it with 'gpu-align reindex DIR --repair', or pass --force to convert it as it is.
+
 examples:
   gpu-align to-flat data/faces_emore --out data/emore_flat --shuffle 42
   gpu-align to-flat data/ds --out data/ds_flat
@@ -34,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         command="to-flat",
+        force=args.force,
     )
     print_summary(summary, notes)
     return 0
