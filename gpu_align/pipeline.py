@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import gzip
 import json
 import multiprocessing as mp
 import os
 import platform
 import queue
 import sys
+import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +41,17 @@ from gpu_align.mtcnn import Detections
 from gpu_align.scan import InputItem, Source, scan_source
 from gpu_align.warp import arcface_template, invert_affine, transform_points
 from packer.errors import UserError
+from packer.layout import STATE_NAME
 from packer.lst import LstEntry
 from packer.process import CropBatch, ItemMeta, packer_main, peak_rss_mb
 
-__all__ = ["RunOptions", "RunResult", "run"]
+__all__ = ["INPUTS_NAME", "PackerDied", "RunOptions", "RunResult", "run"]
 
 LANDMARK_DECIMALS = 2  # train.lst precision; the fit uses the rounded landmarks so the .lst reproduces the crops
+# Beside pack.state.json while a run is unfinished: one line per input (identity, path, size, mtime, .lst landmarks),
+# so that a --resume over changed inputs names the first changed file (the writer only keeps the overall hash).
+INPUTS_NAME = "run.inputs.jsonl.gz"
+_INPUTS_FORMAT = "gpu-align run inputs"
 
 
 @dataclass
@@ -136,6 +145,36 @@ def _crop_name(path: str) -> str:
     return f"{stem}.jpg" if ext.lower() in (".jpg", ".jpeg") else f"{name}.jpg"
 
 
+def _crop_names(items: list[InputItem]) -> list[str]:
+    """``--save-crops`` file names, unique within each identity folder.
+
+    ``a.jpg`` → ``a.jpg``, ``b.png`` → ``b.png.jpg``; photos of one identity whose names would clash (``a.jpg``,
+    ``a.JPG``, ``a.jpeg``, or one name from two folders of a ``.lst``) all keep their extension (``a.jpg.jpg``,
+    ``a.JPG.jpg``, ``a.jpeg.jpg``); a clash left after that gets ``_2``, ``_3``… in input order. Names are compared
+    as written (like the photos' own: ``A.jpg`` and ``a.jpg`` stay apart on Linux). They depend only on the input
+    list, so a resumed run writes the same ones.
+    """
+    names = [_crop_name(it.path) for it in items]
+    by_group: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        by_group.setdefault(it.group, []).append(k)
+    for ks in by_group.values():
+        seen: dict[str, int] = {}
+        for k in ks:
+            seen[names[k]] = seen.get(names[k], 0) + 1
+        for k in ks:
+            if seen[names[k]] > 1:
+                names[k] = os.path.basename(items[k].path) + ".jpg"
+        taken: set[str] = set()
+        for k in ks:
+            stem, n = names[k][: -len(".jpg")], 1
+            while names[k] in taken:
+                n += 1
+                names[k] = f"{stem}_{n}.jpg"
+            taken.add(names[k])
+    return names
+
+
 def _round_landmarks(lm: torch.Tensor) -> torch.Tensor:
     scale = 10.0**LANDMARK_DECIMALS
     return torch.round(lm * scale) / scale
@@ -180,6 +219,7 @@ class _Aligner:
         self.items = items
         self.times = times
         self.template = arcface_template(opts.image_size, device=device)
+        self.crop_names = _crop_names(items) if opts.save_crops else None
 
     def _given(self, batch: DecodedBatch) -> list[Detections | None]:
         """The ``.lst``'s own landmarks where it has them (no detection); None = detect this photo."""
@@ -251,7 +291,8 @@ class _Aligner:
                         boxes[k] = (0, 0, w, h)
                     if i >= skip_below:
                         lst = _lst_entry(it.path, boxes[k], lms[k])
-                        metas[i] = ItemMeta(i, it.group, it.path, row, lst, None, _crop_name(it.path), notes.get(k))
+                        name = self.crop_names[i] if self.crop_names else ""
+                        metas[i] = ItemMeta(i, it.group, it.path, row, lst, None, name, notes.get(k))
                         counts["center" if center_l[k] else "found"] += 1
                     row += 1
                 elif i >= skip_below:
@@ -273,10 +314,14 @@ def _packer_error(message: str) -> UserError:
     return UserError(f"{message} — nothing written so far is lost: fix it and rerun with --resume")
 
 
+class PackerDied(UserError):
+    """The packer process ended without a reply (killed, out of memory): what it committed is kept, resumable."""
+
+
 class _PackerProcess:
     """The packer process and its two queues; every wait also watches for its errors and its death."""
 
-    def __init__(self, opts: RunOptions, source: Source):
+    def __init__(self, opts: RunOptions, source: Source, fingerprint: str):
         ctx = mp.get_context("spawn")  # never fork a process that holds CUDA state
         self.inbox = ctx.Queue(maxsize=max(1, opts.queue_batches))
         self.outbox = ctx.Queue()
@@ -290,7 +335,7 @@ class _PackerProcess:
             shuffle_seed=opts.shuffle,
             resume=opts.resume,
             overwrite=opts.overwrite,
-            config=_input_config(opts, source),
+            config=_input_config(opts, source, fingerprint),
         )
         threads = 2 if (os.cpu_count() or 1) > 2 else 1
         self.proc = ctx.Process(
@@ -301,6 +346,11 @@ class _PackerProcess:
         )
         self.proc.start()
 
+    def _died(self) -> PackerDied:
+        code = self.proc.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return PackerDied(f"the packer process died ({how})")
+
     def _reply(self, timeout: float | None = None) -> tuple[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -308,7 +358,7 @@ class _PackerProcess:
                 kind, payload = self.outbox.get(timeout=0.2)
             except queue.Empty:
                 if not self.proc.is_alive():
-                    raise UserError(f"the packer process died (exit code {self.proc.exitcode})") from None
+                    raise self._died() from None
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError from None
                 continue
@@ -328,7 +378,7 @@ class _PackerProcess:
             if kind == "error":
                 raise _packer_error(payload)
         if not self.proc.is_alive():
-            raise UserError(f"the packer process died (exit code {self.proc.exitcode})")
+            raise self._died()
 
     def put(self, msg: tuple[str, Any]) -> float:
         """Send ``msg``, blocking while the queue is full (back-pressure); returns the seconds spent waiting."""
@@ -358,16 +408,20 @@ class _PackerProcess:
             self._reply(timeout=60)
         self.proc.join(timeout=10)
         if self.proc.is_alive():
-            self.proc.terminate()
+            self.proc.kill()  # it ignores SIGTERM (see packer_main); its state is resumable after any kill
 
 
-def _input_config(opts: RunOptions, source: Source) -> dict[str, Any]:
-    """What must not change between a run and its --resume (the writer refuses a mismatch)."""
+def _input_config(opts: RunOptions, source: Source, fingerprint: str | None = None) -> dict[str, Any]:
+    """What must not change between a run and its --resume (the writer refuses a mismatch).
+
+    ``fingerprint``: :meth:`Source.fingerprint` (paths, identities, file sizes and mtimes, .lst landmarks), when
+    the caller has it already.
+    """
     return {
         "command": "run",
         "source": source.root,
         "inputs": len(source.items),
-        "fingerprint": source.fingerprint(),
+        "fingerprint": fingerprint or source.fingerprint(),
         "shard": list(opts.shard) if opts.shard else None,
         "quality": opts.quality,
         "select": opts.select,
@@ -408,6 +462,99 @@ def _progress(opts: RunOptions, total: int, initial: int):
 
 
 # ------------------------------------------------------------------------------------------------ run
+
+
+def _check_folder(path: str, flag: str) -> None:
+    """Refuse an output folder that cannot be one (a file, below a file, not writable) before any model loads."""
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise UserError(f"{flag} {path} is a link to nothing (or a link loop); choose a folder")
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; choose a new or empty folder")
+    where = p
+    while not where.exists():  # the nearest existing folder above: where it would be created
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"{flag} {path}: {where} is a file, so no folder can be made below it; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=where, prefix=".gpu-align-probe-"):  # the real test (root, read-only mounts)
+            pass
+    except OSError as e:
+        raise UserError(
+            f"{flag} {path}: cannot write in {where} ({e.strerror or e}); choose a folder you can write to"
+        ) from None
+
+
+def _shown(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _when(ns: int) -> str:
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="milliseconds")
+
+
+def _input_difference(old: list[list], new: list[list]) -> str:
+    """The first difference between the per-input records of the interrupted run and of this one, in words."""
+    if [r[:2] for r in old] != [r[:2] for r in new]:
+        old_paths, new_paths = {r[1] for r in old}, {r[1] for r in new}
+        added = [r[1] for r in new if r[1] not in old_paths]
+        removed = [r[1] for r in old if r[1] not in new_paths]
+        more = lambda n: f" and {n - 1} more" if n > 1 else ""  # noqa: E731
+        if added:
+            return f"{_shown(added[0])}{more(len(added))} {'is' if len(added) == 1 else 'are'} new"
+        if removed:
+            return f"{_shown(removed[0])}{more(len(removed))} {'is' if len(removed) == 1 else 'are'} gone"
+        for (g0, p0, *_), (g1, p1, *_) in zip(old, new, strict=False):
+            if p0 != p1:
+                return f"the photos are in another order from {_shown(p1)} on"
+            if g0 != g1:
+                return f"{_shown(p1)} is now in identity {g1!r} (was {g0!r})"
+    changed = [(o, n) for o, n in zip(old, new, strict=True) if o[2:] != n[2:]]
+    if not changed:
+        return "the inputs differ"
+    (_, path, size0, mtime0, shape0), (_, _, size1, mtime1, shape1) = changed[0]
+    if size0 != size1:
+        detail = "it cannot be read now" if size1 < 0 else f"size {size0} → {size1}" if size0 >= 0 else "readable now"
+    elif mtime0 != mtime1:
+        detail = f"modified {_when(mtime0)} → {_when(mtime1)}"
+    else:
+        detail = f"box and landmarks in the .lst: {shape0 or 'none'} → {shape1 or 'none'}"
+    more = f"; {len(changed) - 1} more changed" if len(changed) > 1 else ""
+    return f"{_shown(path)} changed since the interrupted run ({detail}){more}"
+
+
+def _check_inputs(out: Path, fingerprint: str, records: list[list]) -> bool:
+    """On --resume: refuse inputs that changed since the interrupted run, naming the first changed file.
+
+    Returns whether ``INPUTS_NAME`` already describes these inputs. Without it (killed before it was written, or
+    unreadable) the writer's own check of the overall fingerprint still refuses a change, just less precisely.
+    """
+    if not (out / STATE_NAME).is_file():
+        return False  # nothing unfinished to resume: the writer decides
+    try:
+        with gzip.open(out / INPUTS_NAME, "rt", encoding="ascii") as f:
+            head = json.loads(f.readline())
+            if not isinstance(head, dict) or head.get("format") != _INPUTS_FORMAT:
+                return False
+            if head.get("fingerprint") == fingerprint:
+                return True
+            old = [json.loads(line) for line in f]
+    except (OSError, EOFError, ValueError, zlib.error):
+        return False
+    raise UserError(
+        f"{out} was written from other inputs: {_input_difference(old, records)}; rerun with the inputs of the "
+        "interrupted run, or use --overwrite to start again"
+    )
+
+
+def _write_inputs(out: Path, fingerprint: str, records: list[list]) -> None:
+    """Write ``INPUTS_NAME`` atomically (JSON lines, ASCII-escaped, gzip level 1: ~30 bytes per input)."""
+    tmp = out / (INPUTS_NAME + ".tmp")
+    with gzip.open(tmp, "wt", encoding="ascii", compresslevel=1) as f:
+        f.write(json.dumps({"format": _INPUTS_FORMAT, "fingerprint": fingerprint, "inputs": len(records)}) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, out / INPUTS_NAME)
 
 
 def _report_extra(
@@ -496,10 +643,17 @@ def run(opts: RunOptions) -> RunResult:
         raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if not 1 <= opts.quality <= 100:
         raise UserError(f"--quality must be in 1..100, got {opts.quality}")
+    _check_folder(opts.out, "--out")
+    if opts.save_crops:
+        _check_folder(opts.save_crops, "--save-crops")
     times = StageTimes()
     source = scan_source(
         opts.src, min_images=opts.min_images, shard=opts.shard, limit=opts.limit, lst_root=opts.lst_root
     )
+    records = source.input_records()
+    fingerprint = source.fingerprint(records)
+    out = Path(opts.out)
+    known = opts.resume and _check_inputs(out, fingerprint, records)
     times.scan = time.perf_counter() - t_start
     items = source.items
     # Models and decoder first: a setting they reject (e.g. --fp16 on CPU) then fails before DIR is touched.
@@ -507,9 +661,11 @@ def run(opts: RunOptions) -> RunResult:
     decoder = make_decoder(opts.decoder, device=device, threads=opts.threads, batch_size=opts.batch_size)
     counts = dict(found=0, center=0, missed=0, failed=0)
     try:
-        packer = _PackerProcess(opts, source)
+        packer = _PackerProcess(opts, source, fingerprint)
         try:
             done = packer.ready()
+            if not known and (out / STATE_NAME).is_file():  # unfinished from here on: keep the per-input detail
+                _write_inputs(out, fingerprint, records)
             processed = _align_all(opts, items, done, decoder, aligner, packer, times, counts)
             stats = packer.finish(_report_extra(opts, device, decoder, source, done, processed, counts, times, t_start))
         except BaseException:  # Ctrl-C included: the packer keeps everything committed, resumable
@@ -517,6 +673,9 @@ def run(opts: RunOptions) -> RunResult:
             raise
     finally:
         decoder.close()
+    for name in (INPUTS_NAME, INPUTS_NAME + ".tmp"):  # finished: the state it accompanied is gone too
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
     report = _read_json(Path(opts.out) / "report.json")
     return RunResult(
         out_dir=Path(opts.out),

@@ -53,11 +53,32 @@ class Source:
     items: list[InputItem] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while scanning
 
-    def fingerprint(self) -> str:
-        """A hash of the input list (paths and identities): a resume must see the same inputs."""
-        h = hashlib.sha256()
+    def input_records(self) -> list[list]:
+        """Per input what decides its output: ``[identity, path, size, mtime_ns, shape]``.
+
+        ``shape`` is the ``.lst``'s box and landmarks as text ("" to detect). Size and mtime cost one ``os.stat``
+        per file (~3.5 ms per 1,000 files, cached); a content hash would read the whole source a second time. An
+        unreadable file has size and mtime -1 (decoding then reports it).
+        """
+        out = []
         for it in self.items:
-            h.update(f"{it.group}\t{it.path}\n".encode("utf-8", "surrogateescape"))
+            try:
+                st = os.stat(it.path)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size = mtime = -1
+            shape = ""
+            if it.landmarks is not None:
+                shape = " ".join(f"{float(v):.9g}" for v in (*(it.bbox or ()), *np.asarray(it.landmarks).reshape(-1)))
+            out.append([it.group, it.path, size, mtime, shape])
+        return out
+
+    def fingerprint(self, records: list[list] | None = None) -> str:
+        """A hash of :meth:`input_records` (paths, identities, sizes, mtimes, .lst landmarks): a resume must see
+        the same inputs."""
+        h = hashlib.sha256()
+        for group, path, size, mtime, shape in records if records is not None else self.input_records():
+            h.update(f"{group}\t{path}\t{size}\t{mtime}\t{shape}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()[:16]
 
 

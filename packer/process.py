@@ -129,8 +129,11 @@ def packer_main(
     ``stop``: an optional ``multiprocessing.Event``; once set, the packer aborts (keeping what is committed) at the
     next input, even with batches still queued.
     """
-    # Ctrl-C reaches the whole process group: the parent decides, this process waits for its "abort".
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, a terminal hang-up or a service stop reach the whole process group: the parent decides, this process
+    # waits for its "abort" (and, should the parent die, notices it within _POLL_S and keeps what is committed).
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
     stats = PackerStats()
     try:
         writer = DatasetWriter(**writer_args)

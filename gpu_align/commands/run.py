@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from packer.errors import UserError
@@ -17,7 +20,9 @@ SRC is a folder root/<identity>/<image> (VGGFace2, CASIA-WebFace style: identiti
 .jpg/.jpeg/.png) or a face2rec2 .lst (labels grouped; a line with landmarks is warped with them, no detection).
 On a GPU, DALI decodes and MTCNN + the warp run on the device; on the CPU the same code runs with device=cpu.
 One bad file never stops a run: it is recorded in report.json with its reason and the run goes on.
-Outputs are resumable: after Ctrl-C, kill -9 or a full disk, rerun the same command with --resume."""
+Outputs are resumable: after Ctrl-C, SIGTERM, SIGHUP, kill -9 or a full disk, rerun the same command with
+--resume; a resume over inputs that changed since (a file's size or modification time, a .lst's landmarks) is
+refused with the first changed file named."""
 
 EPILOG = """\
 examples:
@@ -136,7 +141,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "it was tuned on, but less accurate on held-out faces (README, Accuracy) (default: mtcnn)",
     )
     g = p.add_argument_group("run")
-    g.add_argument("--save-crops", metavar="DIR", help="also write each aligned crop to DIR/<identity>/<name>.jpg")
+    g.add_argument(
+        "--save-crops",
+        metavar="DIR",
+        help="also write each aligned crop to DIR/<identity>/<stem>.jpg (b.png: b.png.jpg); photos of one identity "
+        "whose names would clash (a.jpg, a.JPG, a.jpeg) keep their extension: a.jpg.jpg, a.JPG.jpg, a.jpeg.jpg; a "
+        "clash left after that (one name from two folders of a .lst) gets _2, _3... in input order",
+    )
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same options)")
     g.add_argument("--overwrite", action="store_true", help="replace gpu-align's files in a non-empty --out")
     g.add_argument("--shard", metavar="I/N", help="process shard I of N (identities split in N contiguous blocks)")
@@ -172,24 +183,68 @@ def pack_photos(args: argparse.Namespace) -> int:
     return _execute(opts)
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so the packer stops at its next input and keeps what is committed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_stop_cleanly() -> Iterator[None]:
+    """While running: SIGTERM / SIGHUP raise :class:`_Signalled` once (repeats are ignored so that the clean stop
+    can finish); the previous handlers come back afterwards."""
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    raised = False
+
+    def handler(signum: int, _frame) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise _Signalled(signum)
+
+    old = {}
+    for s in sigs:
+        with contextlib.suppress(ValueError, OSError):  # ValueError: not the main thread (an API caller's thread)
+            old[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _how_to_continue(out: Path, what: str) -> str:
+    """What to run next: with an unfinished pack in ``out``, this command with --resume (and without --overwrite,
+    which already happened); before the writer committed anything, this very command again."""
+    if (out / "pack.state.json").exists():
+        args = [a for a in sys.argv[1:] if a != "--overwrite"]
+        args += [] if "--resume" in args else ["--resume"]
+        return f"{what} is kept. To continue, run:\n  " + shlex.join(["gpu-align", *args])
+    return "nothing was written yet. To start again, run:\n  " + shlex.join(["gpu-align", *sys.argv[1:]])
+
+
+def _stopped_message(out: Path) -> str:
+    if (out / "report.json").exists() and not (out / "pack.state.json").exists():
+        return f"gpu-align: interrupted, but {out} was already complete"
+    return "gpu-align: stopped; " + _how_to_continue(out, "everything aligned so far")
+
+
 def _execute(opts) -> int:
-    from gpu_align.pipeline import run
+    from gpu_align.pipeline import PackerDied, run
     from gpu_align.summary import print_summary
 
     try:
-        result = run(opts)
-    except KeyboardInterrupt:
-        out = Path(opts.out)
-        if (out / "report.json").exists() and not (out / "pack.state.json").exists():
-            print(f"\ngpu-align: interrupted, but {out} was already complete", file=sys.stderr)
-            raise
-        again = [a for a in sys.argv[1:] if a != "--overwrite"]
-        again += [] if "--resume" in again else ["--resume"]
-        print(
-            "\ngpu-align: stopped; everything aligned so far is kept. To continue, run:\n  "
-            + shlex.join(["gpu-align", *again]),
-            file=sys.stderr,
-        )
+        with _signals_stop_cleanly():
+            result = run(opts)
+    except PackerDied as e:
+        raise UserError(f"{e}; {_how_to_continue(Path(opts.out), 'everything it committed')}") from None
+    except KeyboardInterrupt as e:
+        with contextlib.suppress(OSError):  # after a hang-up the terminal may be gone
+            print("\n" + _stopped_message(Path(opts.out)), file=sys.stderr)
+        if isinstance(e, _Signalled):
+            return 128 + e.signum  # what a shell reports for a process stopped by that signal
         raise
     print_summary(result, file=sys.stdout)
     return 0
