@@ -19,6 +19,9 @@ the photo, like VGGFace2's loose crops), then per view a seeded random scale (ar
 optional mirror, rotation about the centre on a canvas that holds the whole rotated crop (black corners) and JPEG
 re-encoding; the ground-truth points go through the same transforms exactly (pixel centres at integer
 coordinates, as OpenCV and the aligner use).
+
+:func:`dlib_landmarks` runs dlib's 68-point model on images in a throwaway venv (``dlib-venv`` beside the cache):
+an independent reference model for benchmarks, not ground truth and never a project dependency.
 """
 
 from __future__ import annotations
