@@ -278,8 +278,8 @@ class DatasetWriter:
         except BlockingIOError:
             os.close(fd)
             raise UserError(
-                f"{self.out_dir} is being written by another gpu-align process; wait for it to finish (or stop it) "
-                "and then rerun with --resume"
+                f"{self.out_dir} is being written by another gpu-align process; wait for it to finish, or stop "
+                "it and then continue its work with --resume"
             ) from None
         self._lock_fd = fd
 
@@ -331,14 +331,14 @@ class DatasetWriter:
                 )
             shown = sorted(os.listdir(out))
             listing = ", ".join(shown[:3]) + (f", … ({len(shown)} entries)" if len(shown) > 3 else "")
-            if resume:
-                raise UserError(
-                    f"{out} has no unfinished pack to resume (no {STATE_NAME}) and is not empty ({listing}); "
-                    "use --overwrite to replace gpu-align's files there, or choose another folder"
-                )
+            # No state file: there is nothing to resume, so never suggest --resume here.
+            if (out / "train.rec").exists():
+                what = f"holds a dataset that gpu-align did not finish writing there ({listing})"
+            else:
+                what = f"is not empty and holds no pack to resume ({listing})"
             raise UserError(
-                f"{out} is not empty ({listing}); use --resume to continue an interrupted pack, --overwrite to "
-                "replace it, or choose another folder"
+                f"{out} {what}; choose another folder, or use --overwrite to replace gpu-align's files there "
+                "(other files are kept)"
             )
         out.mkdir(parents=True, exist_ok=True)
         try:

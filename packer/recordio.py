@@ -20,6 +20,9 @@ Where we differ from mxnet 1.9.1 (everything else, the bytes included, is the sa
 - Errors: a damaged file raises :class:`RecordIOError` (a ``ValueError`` and a ``RuntimeError``, so code written for
   mxnet's ``MXNetError(RuntimeError)`` still catches it) whose message names the file and byte offsets. Reading a
   writer or writing a reader raises a ``RuntimeError`` that is also an ``AssertionError`` (mxnet asserts).
+- ``pack`` of a scalar label beyond float32's range stores ``inf`` (``-inf``), as mxnet does (its native-mode
+  ``struct`` casts like C); a plain ``struct.pack('<f')`` would raise ``OverflowError``. List labels become
+  ``inf`` through numpy, in both.
 - ``unpack`` of a payload shorter than its header raises :class:`RecordIOError` (mxnet: ``struct.error``, or
   numpy's ``ValueError`` for missing labels). The reader also rejects parts whose continuation flags are out of
   order (mxnet joins them blindly).
@@ -513,7 +516,12 @@ def pack(header: IRHeader | tuple, s: bytes | bytearray | memoryview) -> bytes:
     header = IRHeader(*header)
     body = s if type(s) is bytes else bytes(s)
     if isinstance(header.label, numbers.Number):
-        return _IR_STRUCT.pack(0, header.label, header.id, header.id2) + body
+        try:
+            return _IR_STRUCT.pack(0, header.label, header.id, header.id2) + body
+        except OverflowError:  # beyond float32: mxnet's native 'f' rounds like a C cast (to +-inf); so do we
+            with np.errstate(over="ignore"):
+                label = np.float32(header.label)
+            return _IR_STRUCT.pack(0, label, header.id, header.id2) + body
     label = np.asarray(header.label, dtype=np.float32)
     return b"".join((_IR_STRUCT.pack(label.size, 0, header.id, header.id2), label.tobytes(), body))
 

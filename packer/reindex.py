@@ -11,11 +11,18 @@ How keys are chosen (``keys=``):
   when the records form an insightface layout, else ``sequential``.
 
 The index is written atomically (temporary file, fsync, rename); a previous, different index is kept as
-``<idx>.bak``.
+``<idx>.bak``. The checksum sidecar ``<rec>.crc`` (see ``packer.crcfile``) is written too, unless one is there
+that the records do not match: that one is evidence of changed bytes and stays (``verify`` names the records).
+
+``repair`` removes damaged bytes, and records whose bytes differ from an existing ``<rec>.crc``. When the records
+form (or formed) the insightface layout, the layout is then rebuilt from the surviving image records (see
+:func:`_rebuild_classic`): keys 1..N again, labels contiguous, key 0 and the identity records recomputed,
+``property`` updated, so every training reader can read the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -24,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from packer import crcfile
 from packer.errors import UserError
-from packer.reader import resolve_dataset
-from packer.recordio import MAGIC, RecordIOError, unpack
+from packer.fsutil import atomic_write
+from packer.reader import DatasetPaths, image_shape, is_meta_record, read_index, read_property, resolve_dataset
+from packer.recordio import MAGIC, IRHeader, RecordIOError, encode_record, pack, read_record_at, unpack
 from packer.recscan import Damage, scan_rec
 
 __all__ = ["KEY_MODES", "ReindexResult", "reindex"]
@@ -50,11 +59,18 @@ class ReindexResult:
 @dataclass
 class _Scanned:
     offset: list[int] = field(default_factory=list)
+    end: list[int] = field(default_factory=list)
+    crc: list[int] = field(default_factory=list)  # zlib.crc32 of the record's bytes on disk
     id: list[int] = field(default_factory=list)
     flag: list[int] = field(default_factory=list)
     l0: list[float] = field(default_factory=list)
     l1: list[float] = field(default_factory=list)
     body: list[int] = field(default_factory=list)
+
+    def drop(self, rows: set[int]) -> None:
+        for name in self.__dataclass_fields__:
+            col = getattr(self, name)
+            setattr(self, name, [v for i, v in enumerate(col) if i not in rows])
 
 
 def _scan(rec: Path, progress: bool) -> tuple[_Scanned, list[Damage], int]:
@@ -69,7 +85,7 @@ def _scan(rec: Path, progress: bool) -> tuple[_Scanned, list[Damage], int]:
             from tqdm import tqdm
 
             bar = tqdm(total=size, unit="B", unit_scale=True, desc="scan", mininterval=0.5)
-        for item in scan_rec(f, size):
+        for item in scan_rec(f, size, crc=True):
             if isinstance(item, Damage):
                 damages.append(item)
                 if bar is not None:
@@ -82,6 +98,8 @@ def _scan(rec: Path, progress: bool) -> tuple[_Scanned, list[Damage], int]:
             except RecordIOError:
                 header, body = None, b""
             s.offset.append(item.offset)
+            s.end.append(item.end)
+            s.crc.append(item.crc)
             s.id.append(-1 if header is None else header.id)
             s.flag.append(-1 if header is None else header.flag)
             if header is None or header.flag == 0:
@@ -247,6 +265,215 @@ def _write_idx(idx: Path, keys: list[int], offsets: list[int]) -> Path | None:
     return backup
 
 
+def _sidecar(paths: DatasetPaths) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    if not paths.crc.is_file():
+        return None
+    try:
+        return crcfile.read_crc(paths.crc)
+    except (OSError, crcfile.CrcFileError):
+        return None
+
+
+def _crc_mismatches(s: _Scanned, sidecar) -> list[int]:
+    """Rows of ``s`` that start where a sidecar record starts but whose size or CRC differ (changed bytes)."""
+    if sidecar is None or not s.offset:
+        return []
+    starts, sizes, crcs = sidecar
+    off, end, crc = (np.asarray(x, np.int64) for x in (s.offset, s.end, s.crc))
+    pos = np.minimum(np.searchsorted(starts, off), max(len(starts) - 1, 0))
+    if not len(starts):
+        return []
+    known = starts[pos] == off
+    return np.flatnonzero(known & ((starts[pos] + sizes[pos] != end) | (crcs[pos] != crc))).tolist()
+
+
+def _old_index(idx_path: Path) -> dict[int, int] | None:
+    try:
+        return dict(read_index(idx_path)) if idx_path.is_file() else None
+    except UserError:
+        return None
+
+
+def _is_classic(s: _Scanned, old: dict[int, int] | None) -> bool:
+    """Do (or did) the records form the insightface layout? A meta record survives, or the old index had a key 0
+    that no surviving image record is, or (no index) list-labelled images without a key 0 among them."""
+    flag, body = np.asarray(s.flag), np.asarray(s.body)
+    if len(flag) and (is_meta_record(flag, body) & np.isfinite(np.asarray(s.l1))).any():
+        return True
+    images = (flag >= 0) & ~is_meta_record(flag, body)
+    starts = {o for o, keep in zip(s.offset, images.tolist(), strict=True) if keep}
+    if old is not None:
+        return 0 in old and old[0] > 0 and old[0] not in starts
+    ids = np.asarray(s.id)[images]
+    return bool(len(ids)) and (flag[images] >= 2).all() and not (ids == 0).any()
+
+
+def _first_image_size(rec: Path, s: _Scanned, rows: list[int]) -> tuple[int, int]:
+    with open(rec, "rb") as f:
+        for r in rows[:1]:
+            try:
+                return image_shape(unpack(read_record_at(f, s.offset[r]))[1])
+            except (ValueError, RecordIOError):
+                break
+    return (112, 112)
+
+
+def _relabelled(payload: bytes, key: int, label: int) -> bytes:
+    """``payload`` with header id ``key`` and class ``label`` (the scalar, or the first of a label list)."""
+    buf = bytearray(payload)
+    (flag,) = struct.unpack_from("<I", buf, 0)
+    struct.pack_into("<f", buf, 24 if flag else 4, float(label))
+    struct.pack_into("<Q", buf, 8, key)
+    return bytes(buf)
+
+
+def _rebuild_classic(
+    paths: DatasetPaths, idx_path: Path, s: _Scanned, damages: list[Damage], size: int, notes: list[str]
+) -> tuple[list[int], list[int], bytes, list[Path]]:
+    """Rebuild the insightface layout from the surviving image records of ``paths.rec``.
+
+    Images are grouped by class (then header id, then file order), get keys 1..N and labels 0..K-1 (a class that
+    lost every image is gone and the classes after it move down); key 0 ``[N+1, N+1+K]`` and the identity records
+    ``[start, end)`` follow, in face2rec2's order. Where the surviving images already are that (a prefix of the
+    file, keys and labels unchanged: the usual crash), the file is cut after them (the cut bytes are kept in
+    ``<rec>.dropped-<offset>``) and the meta records appended; otherwise a new ``.rec`` is written and the original
+    kept as ``<rec>.bak``. ``property`` gets the new class count. Returns keys, offsets, sidecar and backups.
+    """
+    rec = paths.rec
+    flag, body = np.asarray(s.flag), np.asarray(s.body)
+    l0, l1 = np.asarray(s.l0, np.float64), np.asarray(s.l1, np.float64)
+    meta = is_meta_record(flag, body) & np.isfinite(l1)
+    ok_label = (flag >= 0) & np.isfinite(l0) & (l0 >= 0) & (l0 == np.floor(np.nan_to_num(l0)))
+    images = np.flatnonzero(~meta & ok_label)
+    for r in np.flatnonzero(~meta & ~ok_label):
+        what = "unreadable header" if flag[r] < 0 else f"label {l0[r]:g} is not a class"
+        notes.append(f"dropped the record at byte {s.offset[r]} (header id {s.id[r]}): {what}")
+    ids = np.asarray(s.id, np.int64)
+    order = images[np.lexsort((images, ids[images], l0[images]))]
+    old_labels = l0[order].astype(np.int64)
+    classes, new_labels = np.unique(old_labels, return_inverse=True)
+    n, k = len(order), len(classes)
+    new_keys = np.arange(1, n + 1, dtype=np.int64)
+    # what the old header said, to list what is gone
+    header0 = [r for r in np.flatnonzero(meta) if ids[r] == 0 and l0[r] >= 1]
+    old_n = int(l0[header0[0]]) - 1 if header0 else None
+    old_k = int(l1[header0[0]] - l0[header0[0]]) if header0 else None
+    kept_ids = set(ids[order].tolist())
+    last = old_n if old_n is not None else int(ids[order].max(initial=0))
+    lost = sorted(set(range(1, last + 1)) - kept_ids)
+    if old_n is not None and lost:
+        notes.append(f"image keys lost: {_short(lost)}")
+    elif old_n is None:
+        notes.append(
+            f"image keys lost: {_short(lost) or 'none'} of 1..{last}; any after key {last} went with the key 0 "
+            "header that counted them"
+        )
+    vanished = sorted(set(range(int(classes.max(initial=-1)) + 1)) - set(classes.tolist()))
+    if old_k is not None:
+        vanished = sorted(set(range(old_k)) - set(classes.tolist()))
+    if vanished:
+        notes.append(
+            f"classes with no image left: {_short(vanished)}; the classes after each move down, so labels stay "
+            f"0..{k - 1}"
+        )
+    # ranges of the new classes
+    bounds = np.flatnonzero(np.diff(new_labels)) + 1
+    starts = np.concatenate([[0], bounds]) + 1
+    ends = np.concatenate([bounds, [n]]) + 1
+    metas = [(0, [float(n + 1), float(n + 1 + k)])]
+    metas += [(n + 1 + c, [float(a), float(b)]) for c, (a, b) in enumerate(zip(starts, ends, strict=True))]
+    meta_recs = [encode_record(pack(IRHeader(0, label, key, 0), b"")) for key, label in metas]
+
+    off = np.asarray(s.offset, np.int64)
+    ends_img = np.asarray(s.end, np.int64)[order]
+    in_place = (
+        n > 0
+        and (new_keys == ids[order]).all()
+        and (new_labels == old_labels).all()
+        and off[order[0]] == 0
+        and (off[order[1:]] == ends_img[:-1]).all()
+    )
+    keys: list[int] = new_keys.tolist()
+    offsets: list[int] = []
+    entries: list[bytes] = []
+    kept: list[Path] = []
+    if in_place:
+        cut = int(ends_img[-1])
+        offsets = off[order].tolist()
+        entries = [struct.pack("<II", int(s.end[r] - s.offset[r]), int(s.crc[r])) for r in order]
+        saved = rec.with_name(f"{rec.name}.dropped-{cut}")
+        with open(rec, "rb") as src, open(saved, "wb") as dst:
+            src.seek(cut)
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        pos = cut
+        with open(rec, "r+b") as f:
+            f.truncate(cut)
+            f.seek(cut)
+            for data in meta_recs:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        kept.append(saved)
+        notes.append(
+            f"cut {rec.name} after its last whole image record (byte {cut}); the {size - cut} bytes after it "
+            f"(old meta records, damage) are saved in {saved.name}; new key 0 and identity records appended"
+        )
+    else:
+        tmp = rec.with_name(rec.name + ".repair.tmp")
+        bak = rec.with_name(rec.name + ".bak")
+        pos = 0
+        with open(rec, "rb") as src, open(tmp, "wb") as dst:
+            for r, key, label in zip(order.tolist(), keys, new_labels.tolist(), strict=True):
+                data = encode_record(_relabelled(read_record_at(src, s.offset[r]), key, label))
+                dst.write(data)
+                offsets.append(pos)
+                entries.append(crcfile.entry(data))
+                pos += len(data)
+            dst.flush()
+            os.fsync(dst.fileno())
+        with open(tmp, "ab") as dst:
+            for data in meta_recs:
+                dst.write(data)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if bak.exists():
+            bak.unlink()
+        try:
+            os.link(rec, bak)
+        except OSError:
+            shutil.copy2(rec, bak)
+        os.replace(tmp, rec)
+        _fsync_dir(rec.parent)
+        kept.append(bak)
+        notes.append(f"rewrote {rec.name} from its {n} surviving image records; the original is kept as {bak.name}")
+    for (key, _), data in zip(metas, meta_recs, strict=True):
+        keys.append(key)
+        offsets.append(pos)
+        entries.append(crcfile.entry(data))
+        pos += len(data)
+    prop = None
+    with contextlib.suppress(UserError):
+        prop = read_property(paths.property_file)
+    h, w = (prop.height, prop.width) if prop is not None else _first_image_size(rec, s, [])
+    if prop is None or prop.num_classes != k:
+        atomic_write(paths.property_file, f"{k},{h},{w}\n".encode())
+        notes.append(f"wrote {paths.property_file.name}: {k},{h},{w}")
+    lst = paths.lst
+    if lst.is_file() and (lost or vanished or old_n is None):
+        moved = lst.with_name(lst.name + ".bak")
+        os.replace(lst, moved)
+        notes.append(f"{lst.name} no longer lists the images one per key: moved to {moved.name}")
+    notes.append(f"rebuilt the insightface layout: {n} images (keys 1..{n}), {k} identities (keys {n + 1}..{n + k})")
+    return keys, offsets, crcfile.HEADER + b"".join(entries), kept
+
+
+def _short(values: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
 def reindex(
     path: str | os.PathLike,
     *,
@@ -261,9 +488,11 @@ def reindex(
         path: the ``.rec``, or a dataset folder.
         idx: where to write the index (default: the ``.rec``'s sibling ``.idx``).
         keys: ``"auto" | "header" | "layout" | "sequential"`` (see the module doc).
-        repair: remove damaged bytes from the ``.rec`` first: a damaged tail is cut (the cut bytes are kept in
-            ``<rec>.dropped-<offset>``); damage inside the file makes a new ``.rec`` of the whole records (the
-            original is kept as ``<rec>.bak``). Without ``repair`` a damaged ``.rec`` is a UserError.
+        repair: remove damaged bytes (and records whose bytes differ from ``<rec>.crc``) from the ``.rec`` first.
+            An insightface layout is then rebuilt from its surviving images (:func:`_rebuild_classic`). Otherwise
+            a damaged tail is cut (the cut bytes are kept in ``<rec>.dropped-<offset>``) and damage inside the
+            file makes a new ``.rec`` of the whole records (the original is kept as ``<rec>.bak``). Without
+            ``repair`` a damaged ``.rec`` is a UserError.
         progress: tqdm bar over the scan.
     """
     if keys not in KEY_MODES:
@@ -276,47 +505,75 @@ def reindex(
         raise UserError(f"{rec} holds no readable RecordIO record ({damages[0].reason if damages else 'empty'})")
     notes: list[str] = []
     kept: list[Path] = []
-    if damages:
-        described = [_describe(rec, d) for d in damages]
-        if not repair:
-            more = f" (and {len(damages) - 1} more damaged spans)" if len(damages) > 1 else ""
-            raise UserError(
-                f"{rec} is damaged at {described[0]}{more}; rerun with --repair to remove the damaged bytes "
-                "and index the whole records"
+    sidecar = _sidecar(paths)
+    changed = _crc_mismatches(s, sidecar)
+    if changed and repair:
+        # bytes that still parse but are not what was written: as damaged as a broken record
+        for r in changed:
+            damages.append(Damage(s.offset[r], s.end[r], f"bytes differ from {paths.crc.name}", False))
+        damages.sort(key=lambda d: d.start)
+        s.drop(set(changed))
+    old_index = _old_index(idx_path)
+    described = [_describe(rec, d) for d in damages]
+    if damages and not repair:
+        more = f" (and {len(damages) - 1} more damaged spans)" if len(damages) > 1 else ""
+        raise UserError(
+            f"{rec} is damaged at {described[0]}{more}; rerun with --repair to remove the damaged bytes "
+            "and index the whole records"
+        )
+    old_keys = set(old_index) if old_index is not None else None
+    sidecar_bytes: bytes | None = None
+    if repair and _is_classic(s, old_index) and (damages or _layout_keys(s) is None):
+        notes += [f"dropped {x}" for x in described]
+        key_list, offsets, sidecar_bytes, kept = _rebuild_classic(paths, idx_path, s, damages, size, notes)
+        mode, why = "layout", "the insightface layout rebuilt from the surviving image records"
+    else:
+        if damages:
+            kept = _repair(rec, damages, size, notes)
+            notes[:0] = [f"dropped {x}" for x in described]
+            # shift offsets by the bytes removed before each record
+            starts = np.asarray([d.start for d in damages])
+            sizes = np.cumsum([d.size for d in damages])
+            off = np.asarray(s.offset, dtype=np.int64)
+            before = np.searchsorted(starts, off, side="right")
+            shift = np.where(before > 0, sizes[np.maximum(before - 1, 0)], 0)
+            s.offset = (off - shift).tolist()
+            s.end = (np.asarray(s.end, dtype=np.int64) - shift).tolist()
+        key_list, mode, why = _choose_keys(s, keys)
+        offsets = s.offset
+        # whole records only, back to back from byte 0 (damage removed): their sizes and CRCs are the sidecar
+        sidecar_bytes = crcfile.HEADER + b"".join(
+            struct.pack("<II", e - o, c) for o, e, c in zip(s.offset, s.end, s.crc, strict=True)
+        )
+        if changed:  # no repair: keep the evidence
+            sidecar_bytes = None
+            notes.append(
+                f"{len(changed)} records differ from their checksums in {paths.crc.name} (first at byte "
+                f"{s.offset[changed[0]]}): their bytes changed after writing; 'gpu-align verify' lists them, "
+                f"--repair drops them. {paths.crc.name} is left as it is"
             )
-        kept = _repair(rec, damages, size, notes)
-        notes[:0] = [f"dropped {x}" for x in described]
-        # shift offsets by the bytes removed before each record
-        starts = np.asarray([d.start for d in damages])
-        sizes = np.cumsum([d.size for d in damages])
-        off = np.asarray(s.offset, dtype=np.int64)
-        before = np.searchsorted(starts, off, side="right")
-        shift = np.where(before > 0, sizes[np.maximum(before - 1, 0)], 0)
-        s.offset = (off - shift).tolist()
-    key_list, mode, why = _choose_keys(s, keys)
-    old_keys: set[int] | None = None
-    if idx_path.exists():
-        try:
-            old_keys = {int(line.split()[0]) for line in idx_path.read_text(errors="replace").splitlines() if line}
-        except (ValueError, IndexError):
-            old_keys = None
-    backup = _write_idx(idx_path, key_list, s.offset)
+    backup = _write_idx(idx_path, key_list, offsets)
     if backup is not None:
         kept.append(backup)
         notes.append(f"the previous index differed; it is kept as {backup.name}")
+    if sidecar_bytes is not None and (not paths.crc.is_file() or paths.crc.read_bytes() != sidecar_bytes):
+        atomic_write(paths.crc, sidecar_bytes)
+        notes.append(f"wrote {paths.crc.name} (one CRC-32 per record, for 'gpu-align verify')")
     if old_keys is not None:
         lost = old_keys - set(key_list)
         if lost:
             notes.append(f"{len(lost)} keys of the previous index have no record any more (e.g. {min(lost)})")
     flags, bodies = np.asarray(s.flag), np.asarray(s.body)
-    if _layout_keys(s) is None and len(flags) and (flags >= 2).all() and (bodies > 0).all():
-        notes.append(
-            "no meta records (key 0 header, identity ranges): this looks like a face2rec2-style pack that stopped "
-            "before writing them; rerun that pack with --resume, or convert the images with 'gpu-align to-flat'"
-        )
-    elif mode == "sequential" and _layout_keys(s) is not None:
-        notes.append(
-            "warning: the records form an insightface layout, but sequential keys make key 0 an arbitrary record; "
-            "training readers expect key 0 to be the header (use --keys layout)"
-        )
+    if mode != "layout" or not repair:
+        if _layout_keys(s) is None and len(flags) and (flags >= 2).all() and (bodies > 0).all():
+            notes.append(
+                "no meta records (key 0 header, identity ranges): this looks like a face2rec2-style pack that "
+                "stopped before writing them; 'gpu-align reindex --repair' rebuilds them from the images, or "
+                "convert the images with 'gpu-align to-flat'"
+            )
+        elif mode == "sequential" and _layout_keys(s) is not None:
+            notes.append(
+                "warning: the records form an insightface layout, but sequential keys make key 0 an arbitrary "
+                "record; training readers expect key 0 to be the header (use --keys layout)"
+            )
     return ReindexResult(rec, idx_path, len(key_list), mode, why, damages, kept, notes)

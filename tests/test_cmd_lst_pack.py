@@ -231,7 +231,8 @@ def test_pack_refuses_non_empty_dir(faces, tmp_path, capsys):
     (tmp_path / "rec" / "x").write_text("x")
     assert run(["pack", str(faces / "faces.lst"), "--out", str(tmp_path / "rec")]) == 2
     err = capsys.readouterr().err
-    assert "rec is not empty (x); use --resume to continue an interrupted pack, --overwrite to replace it" in err
+    assert "rec is not empty and holds no pack to resume (x); choose another folder, or use --overwrite" in err
+    assert "--resume" not in err
     assert os.listdir(tmp_path / "rec") == ["x"]
 
 

@@ -179,10 +179,10 @@ def test_refuses_non_empty_dir_and_finished_dir(tmp_path, crops):
     d = tmp_path / "o"
     d.mkdir()
     (d / "mine.txt").write_text("keep me")
-    with pytest.raises(UserError, match=r"is not empty \(mine.txt\); use --resume .* --overwrite"):
-        DatasetWriter(d)
-    with pytest.raises(UserError, match="no unfinished pack to resume"):
-        DatasetWriter(d, resume=True)
+    for resume in (False, True):  # nothing to resume there: the advice never says --resume
+        with pytest.raises(UserError, match=r"is not empty and holds no pack to resume \(mine.txt\); choose ") as e:
+            DatasetWriter(d, resume=resume)
+        assert "--overwrite" in str(e.value) and "--resume" not in str(e.value)
     _write(d, _items(crops), overwrite=True)  # --overwrite leaves other files alone
     assert (d / "mine.txt").read_text() == "keep me"
     with pytest.raises(UserError, match=r"already holds a finished dataset \(6 images\)"):
@@ -219,7 +219,7 @@ def test_abort_and_resume_is_byte_identical_even_with_torn_tails(tmp_path, crops
             w.abort()
         state = json.loads((d / STATE_NAME).read_text())
         assert w.done == state["done"]  # what a resume keeps
-        for name in ("train.rec", "train.idx", "train.lst"):  # a crash after the commit leaves torn bytes
+        for name in ("train.rec", "train.idx", "train.lst", "train.rec.crc"):  # a crash after the commit: torn bytes
             with open(d / f"{name}.partial", "ab") as f:
                 f.write(b"\x0a\x23\xd7\xce torn")
     assert state["done"] == 7  # identities a (3), b (1 + a miss), c (2) finished; d was not

@@ -91,9 +91,13 @@ def test_repair_face2rec2_cut_before_meta_records(tmp_path, ids, capsys):
     rec.write_bytes(rec.read_bytes()[:cut])
     assert run(["reindex", str(tmp_path), "--repair", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "no meta records" in out and "--resume" in out
+    assert "rebuilt the insightface layout: 13 images (keys 1..13), 4 identities" in out
+    # the surviving images are a prefix of the file: cut after them, new meta records appended
+    assert (tmp_path / f"train.rec.dropped-{cut - 100}").is_file()
     with DatasetReader(tmp_path) as r:
-        assert r.layout == "flat" and r.label_style == "pair" and r.image_keys() == list(range(1, N))
+        assert r.layout == "insightface" and r.label_style == "pair" and r.image_keys() == list(range(1, N))
+        assert r.identity_ranges() == [(1, 4), (4, 9), (9, 11), (11, 14)]
+    assert verify_dataset(tmp_path).ok
 
 
 def test_repair_damage_inside_the_file(tmp_path, ids, capsys):
