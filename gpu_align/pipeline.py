@@ -42,7 +42,7 @@ from gpu_align.scan import InputItem, Source, scan_source
 from gpu_align.warp import arcface_template, invert_affine, transform_points
 from packer.errors import UserError
 from packer.layout import STATE_NAME
-from packer.lst import LstEntry
+from packer.lst import LstEntry, landmarks_outside
 from packer.process import CropBatch, ItemMeta, packer_main, peak_rss_mb
 
 __all__ = ["INPUTS_NAME", "PackerDied", "RunOptions", "RunResult", "run"]
@@ -221,6 +221,27 @@ class _Aligner:
         self.template = arcface_template(opts.image_size, device=device)
         self.crop_names = _crop_names(items) if opts.save_crops else None
 
+    def _drop_bad_landmarks(self, batch: DecodedBatch) -> DecodedBatch:
+        """Photos whose ``.lst`` landmarks cannot place a face (parse-time ``bad_landmarks``, or points more than
+        one inter-ocular distance outside the decoded photo) become failures: never a black crop, never detected."""
+        bad: dict[int, str] = {}
+        for k, i in enumerate(batch.indices):
+            it = self.items[i]
+            if it.bad_landmarks is not None:
+                bad[k] = it.bad_landmarks
+            elif it.landmarks is not None:
+                h, w = batch.images[k].shape[:2]
+                why = landmarks_outside(it.landmarks.T.reshape(-1).tolist(), w, h)  # (5, 2) -> x1..x5 y1..y5
+                if why is not None:
+                    bad[k] = f"bad landmarks: {why}"
+        if not bad:
+            return batch
+        keep = [k for k in range(len(batch.indices)) if k not in bad]
+        failures = sorted(
+            [*batch.failures, *((batch.indices[k], self.items[batch.indices[k]].path, r) for k, r in bad.items())]
+        )
+        return DecodedBatch([batch.indices[k] for k in keep], [batch.images[k] for k in keep], failures)
+
     def _given(self, batch: DecodedBatch) -> list[Detections | None]:
         """The ``.lst``'s own landmarks where it has them (no detection); None = detect this photo."""
         return [
@@ -254,6 +275,7 @@ class _Aligner:
 
     def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
         """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
+        batch = self._drop_bad_landmarks(batch)
         counts = dict(found=0, center=0, missed=0, failed=0)
         metas: dict[int, ItemMeta] = {}
         for index, _path, reason in batch.failures:

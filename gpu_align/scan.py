@@ -11,6 +11,7 @@ image counts, so merging the shards in order (``gpu-align merge``) gives the sam
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class InputItem:
         group: identity: the folder name, or the ``.lst`` label as text.
         landmarks: ``(5, 2)`` float32 (x, y) from the ``.lst``, or None to detect.
         bbox: ``(x1, y1, x2, y2)`` from the ``.lst`` (with ``landmarks``), else None.
+        bad_landmarks: the ``.lst`` line's landmarks cannot place a face (``"bad landmarks: ..."``): the photo
+            is skipped with this reason, never detected instead.
     """
 
     index: int
@@ -42,6 +45,7 @@ class InputItem:
     group: str
     landmarks: np.ndarray | None = None
     bbox: tuple[int, int, int, int] | None = None
+    bad_landmarks: str | None = None
 
 
 @dataclass
@@ -118,7 +122,8 @@ def _from_lst(path: str, root: str | None) -> Source:
         lms = None
         if e.landmarks is not None:
             lms = np.asarray(e.landmarks, np.float32).reshape(2, 5).T.copy()  # x1..x5 y1..y5 -> (5, 2)
-        src.items.append(InputItem(k, p, str(e.label), lms, e.bbox if lms is not None else None))
+        bbox = e.bbox if lms is not None else None
+        src.items.append(InputItem(k, p, str(e.label), lms, bbox, e.bad_landmarks))
     return src
 
 
@@ -158,7 +163,7 @@ def scan_source(
         if limit < 1:
             raise UserError(f"--limit must be at least 1, got {limit}")
         source.items = source.items[:limit]
-    source.items = [InputItem(k, it.path, it.group, it.landmarks, it.bbox) for k, it in enumerate(source.items)]
+    source.items = [dataclasses.replace(it, index=k) for k, it in enumerate(source.items)]
     if not source.items:
         raise UserError(f"{s}: no images to align" + (" in this shard" if shard else ""))
     return source

@@ -74,10 +74,12 @@ class TooBigError(OSError):
 def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; never blocks and never reads without end.
 
-    Opened with ``O_NONBLOCK`` (a FIFO without a writer would block ``open``) and checked with ``fstat`` on the
-    opened descriptor, so a path swapped between a check and the open cannot slip through. Raises
+    Checked with ``stat`` first, opened with ``O_NONBLOCK`` (a FIFO without a writer would block ``open``) and
+    checked again with ``fstat`` on the opened descriptor, so a path swapped in between cannot slip through. Raises
     :class:`NotRegularFileError`, :class:`TooBigError` or the ``OSError`` of the open/read.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # sockets cannot even be opened (ENXIO)
+        raise NotRegularFileError("not a regular file")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)

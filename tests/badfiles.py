@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +42,7 @@ SHAPES = {
     "trailing_bytes_jpeg": FACE,
     "unicode_name": FACE,
     "exif_rotated": ROTATED,
+    "exif_long_rotated": ROTATED,
     "huge_jpeg": HUGE,
     "no_permission": FACE,  # only when running as root (see make_bad_files)
 }
@@ -60,6 +62,35 @@ def _with_sof_field(jpeg: bytes, offset: int, value: bytes) -> bytes:
     """Patch bytes at ``offset`` inside the baseline frame header (after the marker and length)."""
     sof = jpeg.index(b"\xff\xc0") + 4
     return jpeg[: sof + offset] + value + jpeg[sof + offset + len(value) :]
+
+
+def zeroed_scan_jpeg(jpeg: bytes, n: int = 2000) -> bytes:
+    """``jpeg`` with ``n`` bytes in the middle of its entropy-coded data zeroed: header and end marker intact,
+    libjpeg-turbo recovers with a "Corrupt JPEG data" warning and would return a garbled image."""
+    sos = jpeg.index(b"\xff\xda")
+    mid = (sos + len(jpeg)) // 2
+    return jpeg[:mid] + bytes(n) + jpeg[mid + n :]
+
+
+def tiny_jpeg_claiming(width: int, height: int) -> bytes:
+    """A complete 8×8 grey JPEG whose frame header claims ``width``×``height``: a few hundred bytes that would
+    decode into a ``width * height * 3`` byte image (libjpeg fills the missing data with grey)."""
+    tiny = simplejpeg.encode_jpeg(np.zeros((8, 8, 1), np.uint8), quality=50, colorspace="GRAY")
+    return _with_sof_field(tiny, 1, height.to_bytes(2, "big") + width.to_bytes(2, "big"))
+
+
+def exif_long_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """``jpeg`` with an EXIF APP1 block whose orientation tag (0x0112) has type LONG (4) instead of SHORT (3):
+    legal TIFF, written by some tools, and honoured by Pillow's ``exif_transpose``."""
+    ifd = struct.pack("<HHHII", 1, 0x0112, 4, 1, orientation) + struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd
+    app1 = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+def black_png(width: int, height: int) -> bytes:
+    """An all-black ``width``×``height`` grey PNG: ~1 KB per megapixel on disk, 3 bytes per pixel decoded."""
+    return _pil_bytes(Image.new("L", (width, height)), "PNG", optimize=True)
 
 
 def huge_gradient_jpeg(face: np.ndarray, shape: tuple[int, int] = HUGE) -> bytes:
@@ -106,6 +137,10 @@ def make_bad_files(dir: str | os.PathLike, *, huge: bool = True, fifo: bool = Fa
     put("corrupt_jpeg", "corrupt.jpg", _with_sof_field(good, 7, b"\x03"), "corrupt")
     # a valid JPEG whose header claims 65000×65000 (4.2 gigapixels): rejected from the header, never decoded
     put("bomb_jpeg", "bomb.jpg", _with_sof_field(good, 1, b"\xfd\xe8\xfd\xe8"), "too large")
+    # entropy data damaged where libjpeg-turbo only warns: "corrupt" on every backend, never a garbled photo
+    put("corrupt_data_jpeg", "corrupt_data.jpg", zeroed_scan_jpeg(good), "corrupt")
+    # a few hundred bytes claiming 6000×6000 (36 MP: within the pixel budget, a 108 MB grey image otherwise)
+    put("tiny_bomb_jpeg", "tiny_bomb.jpg", tiny_jpeg_claiming(6000, 6000), "truncated")
     missing = d / "missing_target.jpg"
     link = d / "dangling_link.jpg"
     if link.is_symlink():
@@ -133,6 +168,7 @@ def make_bad_files(dir: str | os.PathLike, *, huge: bool = True, fifo: bool = Fa
     exif[0x0112] = 6
     stored = Image.fromarray(np.ascontiguousarray(np.rot90(portrait, k=1)))
     put("exif_rotated", "exif_rotated.jpg", _pil_bytes(stored, "JPEG", quality=92, exif=exif), "ok")
+    put("exif_long_rotated", "exif_long.jpg", exif_long_orientation(_pil_bytes(stored, "JPEG", quality=92), 6), "ok")
     if huge:
         put("huge_jpeg", "huge_6000x4000.jpg", huge_gradient_jpeg(face), "ok")
 

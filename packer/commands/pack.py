@@ -3,7 +3,8 @@
 The image bytes are stored as they are (no re-encode), like face2rec2 does for aligned lines. Each file is checked
 first: a regular file of at most 64 MiB (a FIFO or a device is never opened in a blocking way), a JPEG/PNG header,
 the ``--image-size`` pixel size, and one strict decode (the check ``verify`` makes), so a truncated or corrupt crop
-is skipped instead of stored; failures are listed in ``report.json``. Lines with aligned=0 (photos that need detection) are skipped and reported too.
+is skipped instead of stored; failures are listed in ``report.json``. Lines with aligned=0 (photos that need
+detection) and lines whose landmarks are bad (``packer.lst.landmark_problem``) are skipped and reported too.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def _load(entry: LstEntry, root: str, size: tuple[int, int]) -> PackItem:
     """Read one .lst entry's file and check it; a problem becomes a skip reason, never an exception."""
     path = os.path.abspath(os.path.join(root, entry.path))  # join keeps an absolute entry.path as it is
     item = PackItem(group=str(entry.label), body=None, lst=entry.with_path(path), source=path)
+    if entry.bad_landmarks is not None:  # nan/inf/degenerate landmarks: never packed, whatever the crop
+        item.skip_reason = entry.bad_landmarks
+        return item
     if entry.aligned == 0:
         item.skip_reason = "needs alignment: aligned=0 line (a photo); `gpu-align run` detects and aligns these"
         return item
