@@ -419,6 +419,7 @@ class DatasetWriter:
                     with open(self._partial("rec"), "rb") as rec:
                         spans = _record_spans(rec, self._sizes["rec"])
                         self._sizes["crc"] = f.write(crcfile.HEADER + crcfile.span_entries(rec, spans))
+                    f.flush()
                 elif key != "notes" or self._sizes[key]:
                     raise UserError(f"{path} is missing; this pack cannot be resumed, rerun with --overwrite") from None
                 else:
