@@ -259,8 +259,8 @@ def main() -> None:
                 f"FaceAligner stages per image: {breakdown}.",
                 "",
                 "Detection scale policy on large photos (the face photos upscaled to a 1600 px long side; "
-                "'kept' = the selected face is the centre-largest confident face of the full pyramid; with no minimum, "
-                "the full pyramid also finds t1's hand and glass (p ≈ 0.86) and centre-largest picks one of them):",
+                "'kept' = the selected face is the centre-largest confident face of the full pyramid; the full pyramid "
+                "also finds t1's hand and glass (p ≈ 0.86), which the 0.9 confidence floor keeps from being chosen):",
                 "",
                 *large,
                 "",
