@@ -48,7 +48,7 @@ from packer.process import CropBatch, ItemMeta, packer_main, peak_rss_mb
 __all__ = ["INPUTS_NAME", "PackerDied", "RunOptions", "RunResult", "run"]
 
 LANDMARK_DECIMALS = 2  # train.lst precision; the fit uses the rounded landmarks so the .lst reproduces the crops
-# Beside pack.state.json while a run is unfinished: one line per input (identity, path, size, mtime, .lst landmarks),
+# Beside pack.state.json while a run is unfinished: per input (identity, path, size, mtime, .lst landmarks),
 # so that a --resume over changed inputs names the first changed file (the writer only keeps the overall hash).
 INPUTS_NAME = "run.inputs.jsonl.gz"
 _INPUTS_FORMAT = "gpu-align run inputs"
@@ -561,7 +561,7 @@ def _check_inputs(out: Path, fingerprint: str, records: list[list]) -> bool:
                 return False
             if head.get("fingerprint") == fingerprint:
                 return True
-            old = [json.loads(line) for line in f]
+            old = json.loads(f.readline())
     except (OSError, EOFError, ValueError, zlib.error):
         return False
     raise UserError(
@@ -571,11 +571,12 @@ def _check_inputs(out: Path, fingerprint: str, records: list[list]) -> bool:
 
 
 def _write_inputs(out: Path, fingerprint: str, records: list[list]) -> None:
-    """Write ``INPUTS_NAME`` atomically (JSON lines, ASCII-escaped, gzip level 1: ~30 bytes per input)."""
+    """Write ``INPUTS_NAME`` atomically: a JSON header line, then all records as one JSON list (one C-speed
+    ``json`` call each way), ASCII-escaped, gzip level 1: ~20 bytes and ~4 µs per input."""
     tmp = out / (INPUTS_NAME + ".tmp")
     with gzip.open(tmp, "wt", encoding="ascii", compresslevel=1) as f:
         f.write(json.dumps({"format": _INPUTS_FORMAT, "fingerprint": fingerprint, "inputs": len(records)}) + "\n")
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.write(json.dumps(records) + "\n")
     os.replace(tmp, out / INPUTS_NAME)
 
 

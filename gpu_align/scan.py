@@ -60,9 +60,9 @@ class Source:
     def input_records(self) -> list[list]:
         """Per input what decides its output: ``[identity, path, size, mtime_ns, shape]``.
 
-        ``shape`` is the ``.lst``'s box and landmarks as text ("" to detect). Size and mtime cost one ``os.stat``
-        per file (~3.5 ms per 1,000 files, cached); a content hash would read the whole source a second time. An
-        unreadable file has size and mtime -1 (decoding then reports it).
+        ``shape`` is the ``.lst``'s box and landmarks as text ("" to detect, the reason for unusable ones). Size
+        and mtime cost one ``os.stat`` per file (~5 ms per 1,000 files, page-cached); a content hash would read the
+        whole source a second time. An unreadable file has size and mtime -1 (decoding then reports it).
         """
         out = []
         for it in self.items:
@@ -71,7 +71,7 @@ class Source:
                 size, mtime = st.st_size, st.st_mtime_ns
             except OSError:
                 size = mtime = -1
-            shape = ""
+            shape = it.bad_landmarks or ""  # unusable landmarks: the reason is what the output holds
             if it.landmarks is not None:
                 shape = " ".join(f"{float(v):.9g}" for v in (*(it.bbox or ()), *np.asarray(it.landmarks).reshape(-1)))
             out.append([it.group, it.path, size, mtime, shape])

@@ -27,6 +27,7 @@ from gpu_align.scan import InputItem, scan_source
 from packer import recordio
 
 OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
+EYES_NOSE_MOUTH = (10, 20, 15, 11, 19, 10, 10, 15, 20, 20)  # x1..x5, y1..y5 of a plausible face
 FAST = ["--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
 
 
@@ -234,16 +235,17 @@ def test_fingerprint_covers_sizes_mtimes_and_lst_landmarks(tmp_path):
     def line(*numbers: float) -> str:
         return "\t".join(["0", str(photo), "0", *map(str, numbers)]) + "\n"
 
-    lst.write_text(line(1, 2, 30, 40, *range(1, 11)))
+    lst.write_text(line(0, 0, 30, 30, *EYES_NOSE_MOUTH))
+    assert scan_source(lst).items[0].landmarks is not None  # usable landmarks: they are what is compared
     base = {s: scan_source(tmp_path / s).fingerprint() for s in ("p", "in.lst")}
     assert base == {s: scan_source(tmp_path / s).fingerprint() for s in ("p", "in.lst")}  # stable
     st = photo.stat()
     os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
     touched = {s: scan_source(tmp_path / s).fingerprint() for s in ("p", "in.lst")}
     assert all(touched[s] != base[s] for s in base)
-    lst.write_text(line(1, 2, 30, 40, *range(1, 10), 10.5))
+    lst.write_text(line(0, 0, 30, 30, *EYES_NOSE_MOUTH[:-1], 20.5))
     assert scan_source(lst).fingerprint() != touched["in.lst"]
-    lst.write_text(line(1, 2, 30, 41, *range(1, 11)))
+    lst.write_text(line(0, 0, 30, 31, *EYES_NOSE_MOUTH))
     assert scan_source(lst).fingerprint() != touched["in.lst"]
 
 
