@@ -373,7 +373,7 @@ class _PackerProcess:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return PackerDied(f"the packer process died ({how})")
 
-    def _reply(self, timeout: float | None = None) -> tuple[str, Any]:
+    def _reply(self, timeout: float | None = None, opening: bool = False) -> tuple[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -385,11 +385,13 @@ class _PackerProcess:
                     raise TimeoutError from None
                 continue
             if kind == "error":
-                raise _packer_error(payload)
+                # The writer's refusal to open DIR (not empty, finished, other settings) has its own advice;
+                # "rerun with --resume" fits only errors after it committed its first state.
+                raise UserError(payload) if opening else _packer_error(payload)
             return kind, payload
 
     def ready(self) -> int:
-        kind, done = self._reply()
+        kind, done = self._reply(opening=True)
         assert kind == "ready", kind
         return int(done)
 
@@ -494,7 +496,7 @@ def _check_folder(path: str, flag: str) -> None:
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {path} is a file, not a folder; choose a new or empty folder")
     where = p
-    while not where.exists():  # the nearest existing folder above: where it would be created
+    while not where.exists() and where.parent != where:  # the nearest existing folder above: where it is created
         where = where.parent
     if not where.is_dir():
         raise UserError(f"{flag} {path}: {where} is a file, so no folder can be made below it; choose another path")

@@ -287,3 +287,17 @@ def test_crop_names_rule():
     assert _crop_names(items("/r/a.jpg", "/r/a.jpg", group="1") + items("/r/a.jpg", group="2")) == [
         "a.jpg.jpg", "a.jpg_2.jpg", "a.jpg"  # per identity folder
     ]
+
+
+def test_refusals_to_open_out_do_not_suggest_resume(reference, tmp_path, capsys):
+    """The writer's refusal of a finished dataset or of a folder of other files keeps its own advice: no
+    '--resume' appended (nothing of this run was written)."""
+    _, ref_out, _ = reference
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("mine")
+    for out, expected in ((ref_out, "already holds a finished dataset"), (other, "is not empty")):
+        assert gpu_align_cli(["run", str(ref_out / "train.lst"), "--out", str(out), *FAST]) == 2
+        msg = capsys.readouterr().err
+        assert expected in msg and "--resume" not in msg, msg
+    assert sorted(os.listdir(other)) == ["mine.txt"]
