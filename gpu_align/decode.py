@@ -470,7 +470,7 @@ def dali_available() -> bool:
     return True
 
 
-_DALI_ONLY = frozenset({"hw_decoder_load", "preallocate_width_hint", "preallocate_height_hint"})
+_DALI_ONLY = frozenset({"hw_decoder_load", "preallocate_width_hint", "preallocate_height_hint", "check_jpeg"})
 
 
 def make_decoder(
@@ -490,7 +490,7 @@ def make_decoder(
       - ``"cpu"``: the CPU thread pool; images are moved to ``device`` after decoding.
     ``threads``: decoding threads (default: the usable cores). ``max_pixels``: larger images are rejected
     ("too large") from their header, before decoding. ``options``: ``max_batch_pixels``, ``prefetch``, and for
-    DALI ``hw_decoder_load``, ``preallocate_width_hint``, ``preallocate_height_hint``.
+    DALI ``hw_decoder_load``, ``preallocate_width_hint``, ``preallocate_height_hint``, ``check_jpeg``.
     Raises :class:`UserError` for an unknown kind, a CUDA device without CUDA, or ``kind="dali"`` without a
     working DALI; with ``"auto"`` a DALI that fails to start (e.g. built for another CUDA) falls back to the CPU
     decoder with a warning.

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import simplejpeg
+
 from packer.errors import UserError
 from packer.imageinfo import NotRegularFileError, TooBigError, image_info, read_regular_file
 from packer.layout import LABEL_STYLES, LAYOUTS, DatasetWriter, PackItem, WriteSummary
@@ -68,7 +70,13 @@ def _check_crop(data: bytes, fmt: str) -> str | None:
     if fmt == "png" and data.rfind(b"IEND", 33) < 0:
         return f"truncated: PNG has no IEND chunk ({len(data)} bytes)"
     try:
-        decode_image(data)
+        if fmt == "jpeg":
+            try:  # grey output: the same entropy decoding (where damage shows), no colour conversion
+                simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
+            except ValueError:
+                decode_image(data)  # e.g. CMYK: judged exactly as `verify` judges it
+        else:
+            decode_image(data)
     except ValueError as e:
         msg = str(e).removeprefix("corrupt JPEG: ")
         kind = "truncated" if "Premature end of JPEG file" in msg else "corrupt"
