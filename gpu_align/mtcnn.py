@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpu_align.detect.base import Detections
+from gpu_align.detect.base import Detections, as_image_tensor
 from gpu_align.nms import batched_nms
 from gpu_align.pyramid import PyramidPlan, plan_pyramid
 from gpu_align.resample import (
@@ -563,19 +562,7 @@ class MTCNN(nn.Module):
             self._local.workspace = ii.buffer
 
     def _as_tensor(self, image: np.ndarray | torch.Tensor, index: int) -> torch.Tensor:
-        """(H, W, 3) uint8 on the detector's device, or ValueError naming the bad image."""
-        if isinstance(image, np.ndarray):
-            with warnings.catch_warnings():  # read-only arrays (e.g. from PIL) are fine: they are only read
-                warnings.simplefilter("ignore", UserWarning)
-                image = torch.from_numpy(np.ascontiguousarray(image))
-        elif not isinstance(image, torch.Tensor):
-            raise TypeError(f"image {index}: expected a numpy array or torch tensor, got {type(image).__name__}")
-        if image.dim() != 3 or image.shape[2] != 3 or image.dtype != torch.uint8:
-            raise ValueError(
-                f"image {index}: expected an (H, W, 3) uint8 RGB image, got shape {tuple(image.shape)} {image.dtype}"
-            )
-        # Asynchronous only host→CUDA (a non-blocking copy to the host could be read before it lands).
-        return image.to(self.device, non_blocking=self.device.type == "cuda")
+        return as_image_tensor(image, index, self.device)
 
     def _min_faces(self, min_face_sizes, n: int) -> list[float]:
         if min_face_sizes is None:

@@ -7,9 +7,11 @@ care which detector produced them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 
@@ -25,6 +27,25 @@ def empty_detections(device: torch.device | str = "cpu") -> Detections:
     """No face: ``(0, 4)``, ``(0,)``, ``(0, 5, 2)`` float32 on ``device``."""
     z = torch.zeros((0,), device=device)
     return Detections(z.view(0, 4).clone(), z.clone(), z.view(0, 5, 2).clone())
+
+
+def as_image_tensor(image: np.ndarray | torch.Tensor, index: int, device: torch.device) -> torch.Tensor:
+    """A detector's input check: ``(H, W, 3)`` uint8 on ``device``, or ``TypeError``/``ValueError`` naming the image.
+
+    An empty image is valid (it has no faces). Copies host→CUDA asynchronously only (a non-blocking copy to the
+    host could be read before it lands).
+    """
+    if isinstance(image, np.ndarray):
+        with warnings.catch_warnings():  # read-only arrays (e.g. from PIL) are fine: they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            image = torch.from_numpy(np.ascontiguousarray(image))
+    elif not isinstance(image, torch.Tensor):
+        raise TypeError(f"image {index}: expected a numpy array or torch tensor, got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[2] != 3 or image.dtype != torch.uint8:
+        raise ValueError(
+            f"image {index}: expected an (H, W, 3) uint8 RGB image, got shape {tuple(image.shape)} {image.dtype}"
+        )
+    return image.to(device, non_blocking=device.type == "cuda")
 
 
 class FaceDetector(Protocol):

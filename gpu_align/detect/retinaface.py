@@ -30,7 +30,6 @@ import ast
 import hashlib
 import importlib.metadata
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_align.detect.base import Detections, empty_detections
+from gpu_align.detect.base import Detections, as_image_tensor, empty_detections
 from gpu_align.nms import batched_nms
 from packer.errors import UserError
 
@@ -436,7 +435,7 @@ class RetinaFace(nn.Module):
         n_img = len(tensors)
         mins = self._min_faces(min_face_sizes, n_img)
         results = [empty_detections(self.device) for _ in range(n_img)]
-        todo = [i for i, t in enumerate(tensors) if min(t.shape[0], t.shape[1]) >= mins[i]]
+        todo = [i for i, t in enumerate(tensors) if min(t.shape[0], t.shape[1]) >= max(mins[i], 1)]  # empty: no face
         if todo:
             dets = self._detect([tensors[i] for i in todo], [mins[i] for i in todo])
             for i, d in zip(todo, dets, strict=True):
@@ -540,18 +539,7 @@ class RetinaFace(nn.Module):
         return self._prior_cache[key]
 
     def _as_tensor(self, image: np.ndarray | torch.Tensor, index: int) -> torch.Tensor:
-        """(H, W, 3) uint8 on the detector's device, or ValueError naming the bad image."""
-        if isinstance(image, np.ndarray):
-            with warnings.catch_warnings():  # read-only arrays (e.g. from PIL) are fine: they are only read
-                warnings.simplefilter("ignore", UserWarning)
-                image = torch.from_numpy(np.ascontiguousarray(image))
-        elif not isinstance(image, torch.Tensor):
-            raise TypeError(f"image {index}: expected a numpy array or torch tensor, got {type(image).__name__}")
-        if image.dim() != 3 or image.shape[2] != 3 or image.dtype != torch.uint8 or 0 in image.shape:
-            raise ValueError(
-                f"image {index}: expected an (H, W, 3) uint8 RGB image, got shape {tuple(image.shape)} {image.dtype}"
-            )
-        return image.to(self.device, non_blocking=self.device.type == "cuda")
+        return as_image_tensor(image, index, self.device)
 
     @staticmethod
     def _min_faces(min_face_sizes: float | Sequence[float | None] | None, n: int) -> list[float]:
