@@ -121,8 +121,9 @@ class _StageClock:
 _ONET_TEMPLATE = tuple((x * 48 / 112, y * 48 / 112 - 3.0) for x, y in ARCFACE_112)
 # Roll angles (degrees) of the views per refinement round: one upright view first (it mostly removes the roll),
 # then two rounds of a ±6° pair, averaging O-Net's view-dependent errors. Each view also runs mirrored: 10 O-Net
-# evaluations per face. (Measured on 4 × 100 face-trials of the equivariance test: this schedule keeps 97.2 %
-# within 5 % of the IOD; 3 views/5 views (18 evaluations) 96.7 %, ((0,), (-8, 0, 8)) 94.0 %, no refinement ~30 %.)
+# evaluations per face. (Tuned on 4 × 100 face-trials of the shipped photos: this schedule keeps 97.2 %
+# within 5 % of the IOD; 3 views/5 views (18 evaluations) 96.7 %, ((0,), (-8, 0, 8)) 94.0 %, no refinement ~30 %.
+# On held-out faces it is less accurate than the raw landmarks: README, "Accuracy".)
 REFINE_SCHEDULE: tuple[tuple[float, ...], ...] = ((0.0,), (-6.0, 6.0), (-6.0, 6.0))
 _MIRROR = (1, 0, 2, 4, 3)  # landmark order after a horizontal flip: eyes and mouth corners swap
 
