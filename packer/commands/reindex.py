@@ -19,7 +19,13 @@ How keys are chosen (--keys):
 --repair: a damaged tail (the machine died mid-write) is cut off at the last whole record; the cut bytes
 are saved as REC.dropped-<offset>. Damage inside the file: the whole records are copied into a new .rec,
 the original is kept as REC.bak. The report says which byte ranges (and which record headers) were
-dropped. Without --repair a damaged .rec is an error and nothing is written.
+dropped. Records whose bytes differ from train.rec.crc count as damaged too. An insightface layout is
+then rebuilt from the surviving image records: keys 1..N, labels 0..K-1 (a class left with no image is
+gone, the ones after it move down), key 0 and the identity records recomputed, property updated; lost
+keys and classes are listed. Without --repair a damaged .rec is an error and nothing is written.
+
+The .idx is written in the clean form mxnet reads (key<TAB>offset, no blank lines), and train.rec.crc
+(one CRC-32 per record) beside the .rec, unless one is there that the records disagree with: it is kept.
 
 The index is written atomically; a previous, different index is kept as IDX.bak.
 

@@ -11,13 +11,16 @@ EPILOG = """\
 What is checked:
   .rec     every byte belongs to a whole record (a truncated last record and damaged spans are found, and
            the scan resumes after them); every record parses
-  .idx     well-formed lines, unique keys, every offset starts a record, every record is indexed
+  .idx     lines mxnet's reader accepts (no blank lines, key<TAB>offset: tab, not spaces; reported with
+           their line numbers), unique keys, every offset starts a record, every record is indexed
   layout   insightface: key 0 is [N+1, N+1+K]; keys 0..N+K all present; identity records N+1..N+K hold
            [start, end) ranges that are contiguous, non-overlapping and cover 1..N; each image's label is the
            class of the range its key lies in.  flat: keys 0..N-1 (a warning otherwise)
   labels   one style (all scalar or all lists), non-negative integers below num_classes
   property num_classes matches, every image has the property's size
   images   every image decodes (strict: a truncated/corrupt JPEG fails); --no-decode reads headers only
+  crc      with a train.rec.crc sidecar (gpu-align's writers make one): every record's CRC-32, so any changed
+           byte is found, also in the padding or a JPEG that still decodes
 
 Exit code 0: clean (warnings are printed but do not fail).  1: problems found: the first --max-problems of
 them with key and byte offset, then a count per kind.  2: the files are missing or not RecordIO.
