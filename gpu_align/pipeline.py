@@ -358,6 +358,7 @@ class _PackerProcess:
             resume=opts.resume,
             overwrite=opts.overwrite,
             config=_input_config(opts, source, fingerprint),
+            companions=(INPUTS_NAME,),
         )
         threads = 2 if (os.cpu_count() or 1) > 2 else 1
         self.proc = ctx.Process(

@@ -35,6 +35,7 @@ import os
 import struct
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -170,6 +171,8 @@ class DatasetWriter:
         config: the caller's description of its inputs (JSON-able, e.g. input hash); part of the resume check
             and of ``report.json``.
         commit_interval: seconds between commits (a crash loses at most this much work).
+        companions: names of files the caller keeps in ``out_dir`` beside the writer's own (e.g. the run's input
+            list for ``--resume``); counted as gpu-align's files: removed by ``overwrite`` and at the end.
 
     Attributes:
         done: inputs committed to disk. Right after opening it is what a resumed pack already holds (the caller
@@ -190,6 +193,7 @@ class DatasetWriter:
         write_lst: bool = True,
         config: dict | None = None,
         commit_interval: float = 1.0,
+        companions: Sequence[str] = (),
     ):
         if layout not in LAYOUTS:
             raise UserError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
@@ -217,6 +221,7 @@ class DatasetWriter:
         self.min_images = int(min_images)
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.write_lst = bool(write_lst)
+        self.companions = tuple(companions)
         self.config = _jsonable(
             {
                 "writer": {
@@ -295,7 +300,7 @@ class DatasetWriter:
         names = [*_OUTPUT_ORDER, STATE_NAME, STATE_NAME + ".tmp"]
         names += [n + _PARTIAL for n in (*_STREAM.values(), "property", REPORT_NAME)]
         names += [n + _SHUFFLED for n in ("train.rec", "train.idx", "train.rec.crc", "train.lst")]
-        return names
+        return names + [n for c in self.companions for n in (c, c + ".tmp")]
 
     def _open(self, *, resume: bool, overwrite: bool) -> None:
         out = self.out_dir
