@@ -17,7 +17,8 @@ and these deliberate deviations:
   misaligns boxes and crops for the rest of the batch).
 - Images whose short side is below the minimum face size (no pyramid level; e.g. scikit-image's 14×25
   ``no_time_for_that_tiny.gif`` at the default 20 px) give no detections instead of an exception.
-- Box arithmetic is always float32, also when the networks run in float16.
+- Box arithmetic is always float32, also when the networks run in float16; O-Net (landmarks) stays float32 unless
+  ``onet_dtype`` says otherwise.
 """
 
 from __future__ import annotations
@@ -261,13 +262,20 @@ class MTCNN(nn.Module):
             "Min" overlap after O-Net. (facenet-pytorch hard-codes 0.5 / 0.7 / 0.7.)
         weights_dir: folder with pnet.pt, rnet.pt, onet.pt (default: :func:`mtcnn_weights_dir`).
         device: where the networks run and the returned tensors live.
-        dtype: network dtype (float16 is meant for CUDA; box arithmetic stays float32).
+        dtype: P-Net and R-Net dtype (float16 is meant for CUDA; box arithmetic stays float32).
+        onet_dtype: O-Net's dtype, float32 by default whatever ``dtype`` is: O-Net regresses the landmarks, and in
+            float16 they moved ~0.25 px on a 500 px face (``train.lst`` stores 0.01 px), while O-Net is a small
+            share of the detector's work.
         channels_last: run the convolutions in channels-last memory format. Default: on for CPU (P-Net ~1.5×
             faster there, measured), off for CUDA (turn it on with float16 for tensor-core convolutions).
         page_side, pnet_max_pixels, crop_batch, resample_chunk, pyramid_resample: how the work is cut (see
             :class:`Tuning`; they change speed and memory, not results). ``None`` picks per device type
             (``CPU_TUNING`` / ``CUDA_TUNING``): small, cache-sized pieces on CPU (3× faster there), few large
             launches on CUDA.
+        tuning: ``"cuda"`` / ``"cpu"`` force that device type's work sizes *and code paths* (torch summed-area
+            tables, no per-thread workspace) whatever the device: ``tuning="cuda"`` on CPU runs exactly what a GPU
+            runs (the CI check of the CUDA branches, and ``benchmarks/bench_launches.py``'s op count). ``None``
+            (default): the device's own.
     """
 
     name = "mtcnn"
@@ -285,12 +293,14 @@ class MTCNN(nn.Module):
         weights_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        onet_dtype: torch.dtype = torch.float32,
         channels_last: bool | None = None,
         page_side: int | None = None,
         pnet_max_pixels: int | None = None,
         crop_batch: int | None = None,
         resample_chunk: int | None = None,
         pyramid_resample: str | None = None,
+        tuning: str | None = None,
     ) -> None:
         super().__init__()
         if not min_face_size > 0:
@@ -299,13 +309,14 @@ class MTCNN(nn.Module):
             raise ValueError(f"scale_factor must be in (0, 1), got {scale_factor}")
         if len(thresholds) != 3 or len(nms_thresholds) != 3:
             raise ValueError("thresholds and nms_thresholds need three values (P-Net, R-Net, O-Net)")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        if not dtype.is_floating_point or not onet_dtype.is_floating_point:
+            raise ValueError(f"dtype and onet_dtype must be floating point dtypes, got {dtype}, {onet_dtype}")
         self.min_face_size = float(min_face_size)
         self.scale_factor = float(scale_factor)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.nms_thresholds = tuple(float(t) for t in nms_thresholds)
         self.dtype = dtype
+        self.onet_dtype = onet_dtype
         if channels_last is None:
             channels_last = torch.device(device).type == "cpu"
         self.channels_last = bool(channels_last)
@@ -318,6 +329,9 @@ class MTCNN(nn.Module):
         }
         if pyramid_resample not in (None, "levels", "flat"):
             raise ValueError(f"pyramid_resample must be 'levels' or 'flat', not {pyramid_resample!r}")
+        if tuning not in (None, "cpu", "cuda"):
+            raise ValueError(f"tuning must be 'cpu' or 'cuda', not {tuning!r}")
+        self._tuning_kind = tuning
         self._local = threading.local()  # per-thread scratch buffer (see _workspace)
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         folder = Path(weights_dir) if weights_dir is not None else mtcnn_weights_dir()
@@ -329,6 +343,7 @@ class MTCNN(nn.Module):
         self.eval()
         self.requires_grad_(False)
         self.to(device=device, dtype=dtype)
+        self.onet.to(dtype=onet_dtype)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -337,9 +352,14 @@ class MTCNN(nn.Module):
         return self.pnet.conv1.weight.device
 
     @property
+    def cuda_paths(self) -> bool:
+        """Whether the CUDA code paths run: on a CUDA device, or forced with ``tuning="cuda"``."""
+        return self._tuning_kind == "cuda" if self._tuning_kind else self.device.type == "cuda"
+
+    @property
     def tuning(self) -> Tuning:
-        """Work sizes in effect on the current device (constructor overrides, else the device type's defaults)."""
-        base = CUDA_TUNING if self.device.type == "cuda" else CPU_TUNING
+        """Work sizes in effect (constructor overrides, else those of ``cuda_paths``' device type)."""
+        base = CUDA_TUNING if self.cuda_paths else CPU_TUNING
         return Tuning(**{k: v if v is not None else getattr(base, k) for k, v in self._tuning_override.items()})
 
     # --- public API -------------------------------------------------------------------------------------------
@@ -372,7 +392,7 @@ class MTCNN(nn.Module):
         if len(plan) == 0:  # every image is smaller than its minimum face: not one pyramid level
             z = torch.zeros((0,), device=self.device)
             return self._split(z.view(0, 4), z, z.view(0, 5, 2), z.long(), n_img)
-        ii = integral_images(tensors, self._workspace())
+        ii = integral_images(tensors, self._workspace(), torch_scan=self.cuda_paths)
         self._keep_workspace(ii)
         boxes, image_index = self._stage1(ii, plan, tuning)
         boxes, image_index = self._stage2(ii, boxes, image_index, tuning)
@@ -415,7 +435,7 @@ class MTCNN(nn.Module):
         if boxes.shape[0] == 0:
             z = torch.zeros((0,), device=self.device)
             return self._split(z.view(0, 4), z, z.view(0, 5, 2), z.long(), n_img)
-        ii = integral_images(tensors, self._workspace())
+        ii = integral_images(tensors, self._workspace(), torch_scan=self.cuda_paths)
         self._keep_workspace(ii)
         if square:
             boxes = _rerec(boxes)
@@ -500,10 +520,11 @@ class MTCNN(nn.Module):
     def _run_crops(self, net: nn.Module, ii: IntegralImages, y0, x0, h, w, image_index, size: int, batch: int):
         """Crop + resample all regions to size×size and run ``net`` in chunks of ``batch``; outputs as float32."""
         outs = []
+        net_dtype = next(net.parameters()).dtype  # O-Net may run in float32 while the others run in float16
         for lo in range(0, image_index.shape[0], batch):
             hi = lo + batch
             crops = resample_crops(ii, image_index[lo:hi], y0[lo:hi], x0[lo:hi], h[lo:hi], w[lo:hi], size)
-            crops = ((crops - 127.5) * 0.0078125).to(self.dtype)
+            crops = ((crops - 127.5) * 0.0078125).to(net_dtype)
             if self.channels_last:
                 crops = crops.contiguous(memory_format=torch.channels_last)
             outs.append([o.float() for o in net(crops)])
@@ -555,10 +576,10 @@ class MTCNN(nn.Module):
         Fresh tens-of-MB host allocations are page-faulted on every call (~1 ms per image, measured); CUDA's caching
         allocator already reuses memory, so no buffer is kept there.
         """
-        return getattr(self._local, "workspace", None) if self.device.type == "cpu" else None
+        return None if self.cuda_paths else getattr(self._local, "workspace", None)
 
     def _keep_workspace(self, ii: IntegralImages) -> None:
-        if self.device.type == "cpu":
+        if not self.cuda_paths:
             self._local.workspace = ii.buffer
 
     def _as_tensor(self, image: np.ndarray | torch.Tensor, index: int) -> torch.Tensor:

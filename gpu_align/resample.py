@@ -50,12 +50,14 @@ class IntegralImages:
         return self.flat[self.bases[b] : self.bases[b] + (h + 1) * (w + 1)].view(h + 1, w + 1, 3)
 
 
-def integral_images(images: Sequence[torch.Tensor], workspace: torch.Tensor | None = None) -> IntegralImages:
+def integral_images(
+    images: Sequence[torch.Tensor], workspace: torch.Tensor | None = None, *, torch_scan: bool | None = None
+) -> IntegralImages:
     """Summed-area tables of ``images``: each (H, W, 3) uint8 on one device (sizes may differ).
 
     ``workspace``: optional 1-D int32/int64 buffer on that device to build the tables in when it is big enough
     (reusing one avoids page-faulting tens of MB of fresh memory per call on CPU). The result's ``flat`` is a view
-    of it then.
+    of it then. ``torch_scan``: build the tables with torch (the CUDA path) instead of numpy; default: on CUDA.
     """
     if not images:
         raise ValueError("integral_images needs at least one image")
@@ -75,7 +77,7 @@ def integral_images(images: Sequence[torch.Tensor], workspace: torch.Tensor | No
         table = flat[start : start + size].view(h + 1, w + 1, 3)
         table[0].zero_()
         table[:, 0].zero_()
-        if device.type == "cpu":
+        if not (device.type != "cpu" if torch_scan is None else torch_scan):
             # numpy's cumsum walks rows as vectors; torch's CPU cumsum is ~10× slower on these layouts.
             out = table.numpy()[1:, 1:]
             np.cumsum(im.numpy(), axis=1, dtype=out.dtype, out=out)  # rows first: ~30% faster than columns first
