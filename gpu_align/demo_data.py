@@ -109,10 +109,10 @@ def _load_sources() -> list[_Source]:
         try:
             if name not in cache:
                 cache[name] = photos.load_rgb(name)
-        except photos.PhotoMissing:
+        except photos.PhotoMissing as e:
             if name == "messi":  # Debian's opencv-doc is optional
                 continue
-            raise UserError(f"demo data needs the shipped face photos: {photos.PhotoMissing.__name__}") from None
+            raise UserError(f"the demo needs the face photos that installed packages ship: {e}") from None
         sources.append(_Source(cache[name], box, roll, name in _SINGLE_FACE, description))
     return sources
 
@@ -285,7 +285,10 @@ def build_demo_dataset(
             raise UserError(f"{root} is not empty; choose an empty folder (or overwrite)")
         for ident in idents:
             shutil.rmtree(root / ident.name, ignore_errors=True)
-    scenes = [photos.load_rgb(n) for n in _BACKGROUNDS]
+    try:
+        scenes = [photos.load_rgb(n) for n in _BACKGROUNDS]
+    except photos.PhotoMissing as e:
+        raise UserError(f"the demo needs the background scenes scikit-image ships: {e}") from None
     count_rng = np.random.default_rng([seed, 2])
     counts = [max(2, round(images_per_identity * count_rng.uniform(0.5, 1.5))) for _ in idents]
 

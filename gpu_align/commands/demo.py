@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     from gpu_align.demo_data import build_demo_dataset
     from gpu_align.pipeline import RunOptions, run
     from gpu_align.summary import print_summary
+    from packer.binfile import max_pairs
     from packer.commands.inspect import dataset_montage
     from packer.montage import save_montage
     from packer.reader import DatasetReader
@@ -61,11 +65,48 @@ def _run(args: argparse.Namespace) -> int:
     print_summary(result, file=sys.stdout)
     with DatasetReader(dataset_dir) as reader:
         save_montage(montage_path, dataset_montage(reader, rows=8, cols=8))
+        ranges = reader.identity_ranges() or []
+    n_pairs = min(200, max_pairs([b - a for a, b in ranges]))
+    me = self_command()
+    html = dataset_dir / "report.html"  # written by run() beside report.json
+    ds, q = shlex.quote(str(dataset_dir)), shlex.quote
     print(
         f"\nphotos   {photos_dir}/<identity>/<image>\n"
         f"dataset  {dataset_dir}/train.rec, train.idx, train.lst, property, report.json\n"
-        f"montage  {montage_path}\n\n"
-        f"next: gpu-align inspect {dataset_dir}    gpu-align verify {dataset_dir}    "
-        f"gpu-align unpack {dataset_dir} --out {out / 'unpacked'}"
+        + (f"report   {dataset_dir / 'report.html'} (open it in a browser)\n" if html.is_file() else "")
+        + f"montage  {montage_path}\n\n"
+        f"next:\n  {me} inspect {ds}\n  {me} verify {ds}\n  {me} unpack {ds} --out {q(str(out / 'unpacked'))}"
     )
+    if n_pairs >= 2:  # a verification set of the demo's own faces
+        print(f"  {me} bin --from-dataset {ds} --pairs {n_pairs} --out {q(str(out / 'demo.bin'))}")
+    activate = Path(shlex.split(me)[0]).parent / "activate"
+    if me != "gpu-align" and activate.is_file():
+        print(f"(or run 'source {shlex.quote(str(activate))}' once, then type plain 'gpu-align')")
     return 0
+
+
+def self_command(argv0: str | None = None) -> str:
+    """How to start gpu-align again so that the command runs as printed, from the current folder.
+
+    ``gpu-align`` when that name on PATH is this very program (an activated venv, a pip install); else the path it
+    was started by (``.venv/bin/gpu-align`` from ``scripts/demo.sh``), relative to the current folder when inside it.
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if Path(argv0).name == "__main__.py":  # python -m gpu_align
+        return f"{shlex.quote(_display(Path(sys.executable)))} -m gpu_align"
+    if Path(argv0).name != "gpu-align":  # started some other way (a test runner, an embedding script)
+        return "gpu-align"
+    me = Path(argv0).absolute()
+    found = shutil.which("gpu-align")
+    if found and os.path.samefile(found, me):
+        return "gpu-align"
+    return shlex.quote(_display(me))
+
+
+def _display(path: Path) -> str:
+    """``path`` relative to the current folder when it lies inside it (``.venv/bin/gpu-align``), else absolute."""
+    try:
+        rel = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+    return rel if "/" in rel else f"./{rel}"  # a bare name would be looked up on PATH instead
