@@ -10,6 +10,10 @@ picks it among the detections at or above a confidence floor, and the runner-up 
 returned too; a photo without a (confident) face is reported in ``miss_reason`` and, with ``on_miss="center"``,
 gets InsightFace's old centre-crop fallback, flagged in ``center``. Nothing raises for one bad photo.
 
+Same results on CPU and GPU: every network call runs inside :func:`gpu_align.device.full_fp32` (TF32 off for the
+duration of the call, the caller's settings restored afterwards; the settings are process-global, so other threads'
+float32 convolutions also run in full precision meanwhile), and ``fp16`` never touches O-Net's landmark regression.
+
 Landmarks are the detector's raw ones (for MTCNN: exactly InsightFace's reference alignment); O-Net refinement
 (``refine=True``) is experimental.
 
@@ -24,7 +28,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_align.detect import DETECTORS, Detections, FaceDetector, empty_detections, make_detector
+from gpu_align.device import check_device, full_fp32, is_out_of_memory, oom_message
 from gpu_align.mtcnn import MTCNN
 from gpu_align.select import POLICIES, SelectFn, select_faces
 from gpu_align.warp import (
@@ -237,7 +243,9 @@ class FaceAligner:
             it was tuned on, but on held-out hand-labelled faces it is *less* accurate than MTCNN's raw landmarks
             (README, "Accuracy"). False (default) gives the detector's raw landmarks: with MTCNN, exactly
             InsightFace's MTCNN + ``cv2.warpAffine`` alignment.
-        fp16: run the detector's convolutions in float16 (CUDA only).
+        fp16: run the detector's convolutions in float16 (CUDA only). Never O-Net (MTCNN's and the cascade's
+            landmarks, refinement) nor RetinaFace's landmark head: they stay float32 (fp16 moved O-Net's landmarks
+            ~0.25 px on a 500 px face; ``train.lst`` stores 0.01 px).
         channels_last: channels-last memory format for the detector's convolutions; None (default) lets MTCNN
             choose (on for CPU, where P-Net runs ~1.5× faster).
         landmark_decimals: round the landmarks to this many decimals before the fit (``gpu-align run`` uses 2,
@@ -263,11 +271,7 @@ class FaceAligner:
         timed: bool = False,
         **detector_options,
     ) -> None:
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("device 'cuda' requested but CUDA is not available (use device='cpu')")
-        if self.device.type not in ("cpu", "cuda"):
-            raise UserError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.device = check_device(device, "device")  # cuda:N beyond the visible devices: one clear line
         if fp16 and self.device.type != "cuda":
             raise UserError("fp16 needs a CUDA device")
         if not callable(select) and select not in POLICIES:
@@ -363,7 +367,7 @@ class FaceAligner:
             todo.append(i)
         dets = [empty_detections(self.device) for _ in imgs]
         if todo:
-            with torch.inference_mode():
+            with torch.inference_mode(), full_fp32(), self._out_of_memory("detecting faces in", len(todo)):
                 found = self.detector.detect(
                     [imgs[i] for i in todo], min_face_sizes=self._min_faces([imgs[i] for i in todo])
                 )
@@ -404,8 +408,22 @@ class FaceAligner:
         return self._mtcnn
 
     def _refine(self, imgs: list[torch.Tensor], image_index: list[int], landmarks: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), full_fp32(), self._out_of_memory("refining landmarks in", len(imgs)):
             return refine_landmarks(self.mtcnn.onet, imgs, image_index, landmarks)
+
+    @contextmanager
+    def _out_of_memory(self, what: str, batch: int) -> Iterator[None]:
+        """Turn a CUDA out-of-memory error into one UserError line with the batch size to rerun with.
+
+        Out of memory says nothing about the photos: retrying them one by one or reporting them as misses would
+        be wrong, so the run stops (its packer state stays resumable).
+        """
+        try:
+            yield
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise UserError(oom_message(what, batch, self.device)) from e
 
     # -- alignment -------------------------------------------------------------------------------------------
 

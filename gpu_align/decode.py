@@ -40,6 +40,7 @@ from itertools import islice
 
 import torch
 
+from gpu_align.device import check_device
 from packer.errors import UserError
 from packer.imageinfo import NotRegularFileError, TooBigError, read_regular_file
 
@@ -495,11 +496,7 @@ def make_decoder(
     working DALI; with ``"auto"`` a DALI that fails to start (e.g. built for another CUDA) falls back to the CPU
     decoder with a warning.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but torch sees no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"decode device must be 'cpu' or 'cuda', got {device!r}")
+    dev = check_device(device, "decode device")  # also cuda:N beyond the visible devices
     auto = kind == "auto"
     if auto:
         kind = "dali" if dev.type == "cuda" and dali_available() else "cpu"

@@ -2,6 +2,8 @@
 
 Both libraries release the GIL while decoding, so threads scale with cores. Pixel results match DALI's CPU
 decoder (the same libjpeg-turbo with fancy upsampling; see tests/test_decode.py for the measured tolerance).
+16-bit PNGs are decoded by OpenCV (Pillow keeps only the high byte of 16-bit colour) and scaled to 8 bits with
+DALI's rounding, ``round(v / 257)``, so every backend gives the same pixels.
 """
 
 from __future__ import annotations
@@ -45,14 +47,47 @@ def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=[fmt]) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit grey: keep the high byte (Pillow's convert("RGB") would clip instead of scale)
-                grey = (np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8)
+                # 16-bit grey: scale as DALI does (Pillow's convert("RGB") would clip instead of scale)
+                grey = to_8bit(np.asarray(im, dtype=np.uint32))
                 return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
             return np.array(im.convert("RGB"))  # writable (np.asarray of a Pillow image is read-only)
     except Image.DecompressionBombError as e:  # only when max_pixels is set above Pillow's own limit
         raise DecodeError(TOO_LARGE, str(e)) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DecodeError(CORRUPT, f"{fmt}: {e}") from None
+
+
+def to_8bit(values: np.ndarray) -> np.ndarray:
+    """16-bit samples (0..65535, any integer dtype) -> uint8 ``round(v / 257)``: DALI's (nvImageCodec's) conversion.
+
+    ``(v + 128) // 257`` is exact: ``v / 257`` is never a half (257 is odd). Truncation (``v >> 8``) would differ
+    by one level on about half of the values (e.g. 255 -> 0 instead of 1).
+    """
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+# Where Pillow finds a PNG's EXIF orientation (chunk type / text keywords, never compressed).
+_PNG_EXIF_MARKERS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
+def _decode_png16(data: bytes) -> np.ndarray:
+    """A 16-bit PNG -> (H, W, 3) uint8 RGB with DALI's ``round(v / 257)``, EXIF orientation applied as Pillow does."""
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # BGR(A) / grey, uint16, no EXIF
+    if arr is None or arr.dtype != np.uint16:
+        return _decode_pillow(data, "PNG")  # OpenCV refused it: Pillow decodes it or says why it is corrupt
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    rgb = arr[:, :, :1].repeat(3, axis=2) if arr.shape[2] <= 2 else arr[:, :, 2::-1]  # grey(+alpha) / BGR(A)
+    image = to_8bit(rgb)
+    orientation = 1
+    if any(m in data for m in _PNG_EXIF_MARKERS):  # a byte search: Pillow is asked only where it may find one
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            orientation = int(im.getexif().get(0x0112, 1))
+    return apply_orientation(np.ascontiguousarray(image), orientation)
 
 
 def _cmyk_to_rgb(cmyk: np.ndarray) -> np.ndarray:
@@ -72,6 +107,8 @@ def decode_bytes(data: bytes, info: ImageInfo | None = None) -> np.ndarray:
     """
     if info is None:
         info = probe_image(data)
+    if info.format == "PNG" and len(data) > 24 and data[24] == 16:  # IHDR bit depth
+        return _decode_png16(data)
     if info.format != "JPEG":
         return _decode_pillow(data, info.format)
     import simplejpeg

@@ -12,7 +12,10 @@ current stream wait for the decode), exactly as ``DALIRaggedIterator`` does for 
 
 One undecodable file aborts a DALI run. Then the pipeline is rebuilt and the batch bisected until the bad
 file(s) are isolated; an isolated file is given one try on the CPU decoder (so a file DALI cannot decode but
-libjpeg-turbo/Pillow can is still used) before it is reported as corrupt.
+libjpeg-turbo/Pillow can is still used) before it is reported as corrupt. Each failed pipeline is shut down before
+the next one is built (its threads and buffers do not pile up over the bisection). Out of memory is not a bad
+file: the batch is halved (no file reported), and a single image that still does not fit stops the run with one
+line saying which ``--batch-size`` to use.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 
 from gpu_align.decode import CORRUPT, DecodeError, Decoder, Loaded, check_jpeg_data
 from gpu_align.decode_cpu import decode_bytes
+from gpu_align.device import is_out_of_memory, oom_message
+from packer.errors import UserError
 
 
 def _dali_reason(error: Exception) -> str:
@@ -74,6 +79,7 @@ class DaliDecoder(Decoder):
                 preallocate_height_hint=preallocate_height_hint,
             )
         self.rebuilds = 0  # pipeline rebuilds after errors (for reports and tests)
+        self.oom_splits = 0  # batches halved after an out-of-memory error
         self._pipe = None
         self._build()
 
@@ -95,7 +101,7 @@ class DaliDecoder(Decoder):
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
-        self._pipe = None  # drop the broken pipeline before allocating a new one
+        self._release()  # shut the broken pipeline down before allocating a new one
         pipe = Pipeline(
             batch_size=self.batch_size,
             num_threads=self.threads,
@@ -123,18 +129,39 @@ class DaliDecoder(Decoder):
         with ctx:
             return [(int(indices[k]), torch.from_dlpack(images[k])) for k in range(len(items))]
 
+    def _release(self) -> None:
+        """Shut the current pipeline down now (its worker threads stop), not when the last reference goes.
+
+        A failed run's exception holds the pipeline through its traceback frames; without this, every level of
+        a bisection kept its failed pipeline alive (8 pipelines, 86 threads for one bad file in 64). Tensors
+        already handed to torch keep their own buffers.
+        """
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            shutdown = getattr(pipe, "_shutdown", None)  # what Pipeline.__del__ calls (DALI 2.4)
+            if shutdown is not None:
+                shutdown()
+
     def _decode(self, items: list[Loaded]):
         try:
             return self._run(items), []
-        except RuntimeError as e:
-            self.rebuilds += 1
-            self._build()
-            if len(items) > 1:
-                mid = len(items) // 2
-                left, left_failed = self._decode(items[:mid])
-                right, right_failed = self._decode(items[mid:])
-                return left + right, left_failed + right_failed
-            return self._fallback(items[0], _dali_reason(e))
+        except (RuntimeError, MemoryError) as e:
+            reason, oom = _dali_reason(e), is_out_of_memory(e)
+        # Outside the except block: the exception and its traceback (the failed pipeline's frames) are gone.
+        self.rebuilds += 1
+        self._build()
+        if oom:  # the batch's fault, not a file's: halve it, never bisect down to "corrupt" files
+            if len(items) == 1:
+                raise UserError(oom_message("decoding", self.batch_size, self.device) + f" (DALI: {reason})")
+            if self.mixed:
+                torch.cuda.empty_cache()  # torch's cached blocks back to the driver, for DALI's allocator
+            self.oom_splits += 1
+        if len(items) > 1:
+            mid = len(items) // 2
+            left, left_failed = self._decode(items[:mid])
+            right, right_failed = self._decode(items[mid:])
+            return left + right, left_failed + right_failed
+        return self._fallback(items[0], reason)
 
     def _fallback(self, item: Loaded, dali_reason: str):
         """A file DALI failed on alone: decode it on the CPU if possible, else report it as corrupt."""
@@ -149,4 +176,4 @@ class DaliDecoder(Decoder):
 
     def close(self) -> None:
         super().close()
-        self._pipe = None
+        self._release()

