@@ -26,7 +26,9 @@ import queue
 import sys
 import tempfile
 import time
+import types
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,6 +343,28 @@ class PackerDied(UserError):
     """The packer process ended without a reply (killed, out of memory): what it committed is kept, resumable."""
 
 
+@contextlib.contextmanager
+def _caller_main_hidden() -> Iterator[None]:
+    """While a spawned child starts, let multiprocessing see a ``__main__`` with neither a spec nor a file.
+
+    ``multiprocessing.spawn.get_preparation_data`` (the same in Python 3.4-3.13) records the caller's main module
+    (``init_main_from_name`` / ``init_main_from_path``) and the child re-imports it as ``__mp_main__`` before it
+    unpickles its target: a plain script that calls ``run()`` at top level (no ``if __name__ == "__main__":``)
+    would run its top-level code again in the packer and die in the spawn bootstrap check. The packer's target and
+    arguments come from ``packer`` alone, so the child needs nothing of ``__main__``; an interactive session (no
+    spec, no file) is exactly this case. Only ``Process.start()`` runs inside, on the calling thread.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is None:
+            sys.modules.pop("__main__", None)
+        else:
+            sys.modules["__main__"] = main
+
+
 class _PackerProcess:
     """The packer process and its two queues; every wait also watches for its errors and its death."""
 
@@ -368,7 +392,8 @@ class _PackerProcess:
             name="gpu-align-packer",
             daemon=True,
         )
-        self.proc.start()
+        with _caller_main_hidden():  # the packer never re-imports (or re-runs) the caller's script
+            self.proc.start()
 
     def _died(self) -> PackerDied:
         code = self.proc.exitcode
@@ -417,7 +442,8 @@ class _PackerProcess:
                 self.check()
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
-        self.put(("end", extra))
+        # Plain JSON types only: unpickling e.g. torch's TorchVersion (a str subclass) would import torch there.
+        self.put(("end", json.loads(json.dumps(extra))))
         _, stats = self._reply()
         self.proc.join(timeout=30)
         return stats
@@ -463,7 +489,7 @@ def _input_config(opts: RunOptions, source: Source, fingerprint: str | None = No
 def _versions() -> dict[str, str]:
     import cv2
 
-    v = {"gpu-align": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    v = {"gpu-align": __version__, "python": platform.python_version(), "torch": str(torch.__version__)}
     v |= {"numpy": np.__version__, "opencv": cv2.__version__}
     with contextlib.suppress(ImportError):
         import nvidia.dali
