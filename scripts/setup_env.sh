@@ -123,8 +123,9 @@ if [[ " $state " == *" torch "* ]]; then
   state=$(status)
 fi
 if ! has_gpu && [[ "$state" != *"cuda=none"* ]]; then
-  echo "WARNING: this machine has no NVIDIA GPU but .venv holds a CUDA build of torch ($state): it runs on the CPU," \
-    "but costs GBs. To replace it: .venv/bin/python -m pip uninstall -y torch && $0 $extras" >&2
+  build=${state#*torch=}
+  echo "WARNING: this machine has no NVIDIA GPU but .venv holds a CUDA build of torch (${build/ cuda=/, CUDA })." \
+    "It runs on the CPU, but costs GBs. To replace it: .venv/bin/python -m pip uninstall -y torch && $0 $extras" >&2
 fi
 [[ " $state " != *" project "* ]] || "${pip[@]}" -e ".[$extras]"
 [[ " $state " != *" nodeps "* ]] || "${pip[@]}" --no-deps "${nodeps[@]}"
