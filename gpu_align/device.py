@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,13 +18,16 @@ import torch
 
 from packer.errors import UserError
 
-# Per-operator float32 precision settings (torch >= 2.9 API; "ieee" = full float32). cuDNN's conv and rnn are set
-# together so that a legacy ``torch.backends.cudnn.allow_tf32`` read in between stays well defined (torch raises
-# when the two differ). oneDNN's are "none" (= ieee) by default but can be set to bf16/tf32 by the user.
+# Per-operator float32 precision settings (torch >= 2.9 API; "ieee" = full float32). oneDNN's are "none" (= ieee)
+# by default but can be set to bf16/tf32 by the user.
 _PRECISION_KNOBS = ("cudnn.conv", "cudnn.rnn", "cuda.matmul", "mkldnn.conv", "mkldnn.matmul")
+# torch also keeps the legacy flags and raises when one is read while it disagrees with the new settings ("a mix of
+# the legacy and new APIs"): they are switched with them, so that code reading them inside still works.
+_LEGACY_FLAGS = ((torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"))
 _lock = threading.Lock()
 _depth = 0  # threads currently inside full_fp32()
 _saved: dict[str, str] = {}
+_saved_legacy: list[tuple[object, str, bool]] = []
 
 
 def _knob(path: str):
@@ -36,6 +40,13 @@ def _knob(path: str):
 def fp32_precisions() -> dict[str, str]:
     """The current ``fp32_precision`` of each operator family the networks use (``"tf32"``, ``"ieee"``, ``"none"``)."""
     return {path: k.fp32_precision for path in _PRECISION_KNOBS if (k := _knob(path)) is not None}
+
+
+def _set_all(precisions: dict[str, str], legacy: list[tuple[object, str, bool]]) -> None:
+    for owner, name, value in legacy:  # legacy first: setting one rewrites the new settings under it
+        setattr(owner, name, value)
+    for path, value in precisions.items():
+        _knob(path).fp32_precision = value
 
 
 @contextmanager
@@ -51,8 +62,12 @@ def full_fp32() -> Iterator[None]:
         if _depth == 0:
             _saved.clear()
             _saved.update(fp32_precisions())
-            for path in _saved:
-                _knob(path).fp32_precision = "ieee"
+            _saved_legacy.clear()
+            for owner, name in _LEGACY_FLAGS:
+                # unreadable when the caller already mixed the two APIs: its legacy reads fail anyway
+                with contextlib.suppress(RuntimeError):
+                    _saved_legacy.append((owner, name, bool(getattr(owner, name))))
+            _set_all(dict.fromkeys(_saved, "ieee"), [(o, n, False) for o, n, _ in _saved_legacy])
         _depth += 1
     try:
         yield
@@ -60,8 +75,7 @@ def full_fp32() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                for path, value in _saved.items():
-                    _knob(path).fp32_precision = value
+                _set_all(_saved, _saved_legacy)
 
 
 # Messages of CUDA / DALI / nvImageCodec allocation failures (DALI reports them as RuntimeError text; its strings

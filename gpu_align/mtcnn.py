@@ -342,8 +342,10 @@ class MTCNN(nn.Module):
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.eval()
         self.requires_grad_(False)
-        self.to(device=device, dtype=dtype)
-        self.onet.to(dtype=onet_dtype)
+        self.to(device=device)
+        # each net straight from the float32 checkpoint to its dtype (a float16 round trip would round O-Net's weights)
+        for net, net_dtype in ((self.pnet, dtype), (self.rnet, dtype), (self.onet, onet_dtype)):
+            net.to(dtype=net_dtype)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 

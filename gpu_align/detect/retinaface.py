@@ -409,8 +409,10 @@ class RetinaFace(nn.Module):
         self.net.load_onnx(read_model_bytes(path))
         self.eval()
         self.requires_grad_(False)
-        self.to(device=device, dtype=dtype)
-        self.net.landmark_head.to(dtype=landmark_dtype)
+        self.to(device=device)
+        # each part straight from float32 to its dtype (a float16 round trip would round the landmark head's weights)
+        for name, part in self.net.named_children():
+            part.to(dtype=landmark_dtype if name == "landmark_head" else dtype)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
         self.register_buffer("_mean", torch.tensor(BGR_MEAN, dtype=torch.float32, device=device))
