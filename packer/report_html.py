@@ -6,8 +6,9 @@ with its reason, and the multi-face photos with the chosen face (green) and the 
 
 Self-contained so that it opens offline, mailed or copied off a cluster: inline CSS, every image a base64
 ``data:`` URI, no scripts, fonts or links to anything outside the file. Bounded: at most ``max_identities``
-identity strips, ``max_thumbs`` source thumbnails (the rest listed as text, up to ``max_rows``), small JPEGs, and
-source photos are only read when they are regular files of sane size (a FIFO in the report never blocks us).
+identity strips, ``max_thumbs`` skipped-photo and ``max_thumbs // 2`` multi-face thumbnails (the rest listed as
+text, up to ``max_rows``), small JPEGs, and source photos are only read when they are regular files of sane size
+(a FIFO in the report never blocks us).
 Torch-free, like the rest of ``packer``.
 """
 
@@ -356,7 +357,8 @@ def render_report_html(
         tables.append("<div><h2>Throughput and stage times</h2>" + _table(speed) + "</div>")
     body.append(f'<div class="row">{"".join(tables)}</div>')
 
-    # What was dropped first: that is what the page is for. Both galleries share one thumbnail budget.
+    # What was dropped first: that is what the page is for. Multi-face photos get their own, smaller budget, so
+    # that many skips never hide them.
     budget = [max_thumbs]
     skipped = report.get("skipped") or []
     body.append(f"<h2>Skipped photos ({len(skipped)})</h2>")
@@ -371,6 +373,7 @@ def render_report_html(
             f'<p class="key">box drawn:<span style="background:rgb{_CHOSEN}"></span>chosen'
             f'<span style="background:rgb{_RUNNER_UP}"></span>runner-up</p>'
         )
+        budget = [max(max_thumbs // 2, 1)]
         body.append(_gallery(notes, bases, budget, max_rows, max(thumb, 240), _note_caption, _note_boxes))
     else:
         body.append("<p>none</p>")

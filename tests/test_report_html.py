@@ -168,7 +168,8 @@ def test_thumbnail_cap_lists_the_rest(dataset):
     text = render_report_html(dataset, max_thumbs=1, max_rows=1)
     page = _parse(text)
     images = _images(page)
-    assert len([im for im in images if im.height != 72]) == 1  # the one thumbnail: the first skipped photo
+    thumbs = [im for im in images if im.height != 72]
+    assert len(thumbs) == 2 and thumbs[1].width == 240  # the first skipped photo; the multi-face one (own budget)
     words = " ".join(page.text)
     assert "3 more without thumbnails" in words and "… and 2 more in report.json" in words
     assert "Photos with several faces (1)" in words and "2 faces, center-largest" in words
