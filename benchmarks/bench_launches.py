@@ -10,7 +10,8 @@ in [--min-side, --max-side] px, so a 1024-photo batch runs in seconds; op counts
 
 - **device ops** (``torch.profiler``, CPU activities): aten ops that would launch a kernel, counted at the innermost
   level (a composite op such as ``aten::linear`` counts as the kernels it calls, ``aten::addmm``), excluding
-  ops that only make views or allocate: %(excluded)s. Counted: everything else, including copies (``copy_``,
+  ops that only make views or allocate: %(excluded)s; and ops whose first input is an empty tensor (CUDA launches
+  nothing for them). Counted: everything else, including copies (``copy_``,
   ``clone``, ``contiguous``), fills (``zero_``, ``fill_``) and the CPU-side scalar reads (``_local_scalar_dense``).
   CPU kernels can differ from CUDA's in how they split work (e.g. a convolution with bias is one CPU op and one or
   two CUDA kernels), so the counts are an estimate of launches, accurate to a few percent.
@@ -30,7 +31,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import math
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -57,14 +60,16 @@ def count_device_ops(prof) -> collections.Counter:
     """Innermost kernel-launching aten ops of a profile (see the module docstring), by name."""
     counts: collections.Counter = collections.Counter()
 
-    def visit(e) -> int:
-        below = sum(visit(c) for c in e.cpu_children)
-        if below:
-            return below
-        if e.name.startswith("aten::") and e.name not in NO_KERNEL:
-            counts[e.name] += 1
-            return 1
-        return 0
+    def visit(e) -> bool:  # whether e or an op below it is a kernel (launched or, on an empty tensor, not)
+        below = [visit(c) for c in e.cpu_children]
+        if any(below):
+            return True
+        if not e.name.startswith("aten::") or e.name in NO_KERNEL:
+            return False
+        shapes = e.input_shapes
+        if not (shapes and shapes[0] and isinstance(shapes[0][0], int) and math.prod(shapes[0]) == 0):
+            counts[e.name] += 1  # else an op on an empty tensor: CUDA returns before the launch
+        return True
 
     for e in prof.events():
         if e.cpu_parent is None:
@@ -107,10 +112,20 @@ def _has_device_arg(args, kwargs) -> bool:
 class SyncCounter(TorchFunctionMode):
     """Counts, by call site kind, what would make a CUDA host wait or copy (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, where: bool = False) -> None:
         super().__init__()
         self.syncs: collections.Counter = collections.Counter()
         self.h2d: collections.Counter = collections.Counter()
+        self.where = where
+        self.sites: collections.Counter = collections.Counter()
+
+    def _site(self, kind: str) -> str:
+        if self.where:  # innermost caller in the project's code
+            for fr in reversed(traceback.extract_stack()[:-2]):
+                if "/gpu_align/" in fr.filename:
+                    self.sites[f"{kind} at {fr.filename.rsplit('/', 1)[-1]}:{fr.lineno} ({fr.line})"] += 1
+                    break
+        return kind
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -119,13 +134,13 @@ class SyncCounter(TorchFunctionMode):
         ts = list(_tensors(list(args) + list(kwargs.values())))
         if name in ("tensor", "as_tensor", "asarray") and not (args and isinstance(args[0], torch.Tensor)):
             if "device" in kwargs:
-                self.h2d[f"torch.{name}(data, device=...)"] += 1
+                self.h2d[self._site(f"torch.{name}(data, device=...)")] += 1
             else:
                 _tag(out)
             return out
         if name in ("to", "cuda") and ts and _is_host(ts[0]):
             if _has_device_arg(args, kwargs) or name == "cuda":
-                self.h2d["host tensor .to(device)"] += 1
+                self.h2d[self._site("host tensor .to(device)")] += 1
             else:
                 _tag(out)
             return out
@@ -134,17 +149,19 @@ class SyncCounter(TorchFunctionMode):
             _tag(out)
             return out
         if name in _READS and device_args:
-            self.syncs[f"read: {name}"] += 1
+            self.syncs[self._site(f"read: {name}")] += 1
         elif name in _DATA_SHAPED:
-            self.syncs[f"data-dependent size: {name}"] += 1
-        elif name == "repeat_interleave" and "output_size" not in kwargs and any(
-            isinstance(a, torch.Tensor) for a in args[1:2]
+            self.syncs[self._site(f"data-dependent size: {name}")] += 1
+        elif (
+            name == "repeat_interleave"
+            and "output_size" not in kwargs
+            and any(isinstance(a, torch.Tensor) for a in args[1:2])
         ):
-            self.syncs["data-dependent size: repeat_interleave"] += 1
+            self.syncs[self._site("data-dependent size: repeat_interleave")] += 1
         elif name in ("__getitem__", "__setitem__", "index_put_", "index_put"):
             idx = args[1] if len(args) > 1 else None
             if any(t.dtype == torch.bool for t in _tensors(idx)):
-                self.syncs[f"data-dependent size: bool mask {name}"] += 1
+                self.syncs[self._site(f"data-dependent size: bool mask {name}")] += 1
         return out
 
 
@@ -162,9 +179,9 @@ def make_photos(n: int, lo: int, hi: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
-def measure(aligner: FaceAligner, images: list[torch.Tensor]) -> dict:
-    """Ops, syncs and host→device copies of one ``aligner.align(images)``."""
-    counter = SyncCounter()
+def measure(aligner: FaceAligner, images: list[torch.Tensor], where: bool = False) -> dict:
+    """Ops, syncs and host→device copies of one ``aligner.align(images)`` (``where``: also their call sites)."""
+    counter = SyncCounter(where)
     real_from_numpy = torch.from_numpy
 
     def from_numpy(a):  # not a torch function (no mode sees it): tag its result as host data
@@ -175,7 +192,10 @@ def measure(aligner: FaceAligner, images: list[torch.Tensor]) -> dict:
     torch.from_numpy = from_numpy
     try:
         t0 = time.perf_counter()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, counter:
+        with (
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof,
+            counter,
+        ):
             res = aligner.align(images)
         seconds = time.perf_counter() - t0
     finally:
@@ -185,6 +205,7 @@ def measure(aligner: FaceAligner, images: list[torch.Tensor]) -> dict:
         "ops": ops,
         "syncs": counter.syncs,
         "h2d": counter.h2d,
+        "sites": counter.sites,
         "found": int(res.found.sum()),
         "seconds": seconds,
     }
@@ -198,6 +219,7 @@ def main() -> None:
     ap.add_argument("--max-side", type=int, default=320, help="largest photo long side (px)")
     ap.add_argument("--refine", action="store_true", help="with the experimental O-Net landmark refinement")
     ap.add_argument("--top", type=int, default=0, help="list the N most frequent ops and every sync kind")
+    ap.add_argument("--where", action="store_true", help="list the call sites of syncs and copies")
     ap.add_argument("--write-results", action="store_true", help="update 'Device ops' in benchmarks/RESULTS.md")
     a = ap.parse_args()
 
@@ -211,7 +233,7 @@ def main() -> None:
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for b in a.batches:
-        m = measure(aligner, images[:b])
+        m = measure(aligner, images[:b], a.where)
         n_ops, n_sync, n_h2d = sum(m["ops"].values()), sum(m["syncs"].values()), sum(m["h2d"].values())
         print(
             f"batch {b:5d}: {n_ops / b:6.1f} device ops/photo ({n_ops} in all), {n_sync:4d} host syncs/batch, "
@@ -222,6 +244,8 @@ def main() -> None:
             print("   ops:", ", ".join(f"{k[6:]} {v}" for k, v in m["ops"].most_common(a.top)))
             print("   syncs:", ", ".join(f"{k} {v}" for k, v in m["syncs"].most_common()))
             print("   host→device:", ", ".join(f"{k} {v}" for k, v in m["h2d"].most_common()))
+        for site, k in sorted(m["sites"].items()):
+            print(f"   {k:4d}  {site}")
     if a.write_results:
         flags = f" --tuning {a.tuning}" * (a.tuning != "cuda") + " --refine" * a.refine
         text = "\n".join(

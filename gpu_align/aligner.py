@@ -494,7 +494,10 @@ class FaceAligner:
         if ok_ids:
             # one batched warp over the usable images
             ok_t = torch.tensor(ok_ids, device=dev)
-            crops[ok_t] = warp_faces([imgs[i] for i in src_ids], [pos[i] for i in ok_ids], transforms[ok_t], S)
+            tuning = "cuda" if getattr(self.detector, "cuda_paths", False) else None  # MTCNN(tuning="cuda")
+            crops[ok_t] = warp_faces(
+                [imgs[i] for i in src_ids], [pos[i] for i in ok_ids], transforms[ok_t], S, tuning=tuning
+            )
         clock.lap("warp")
         return AlignResult(
             crops=crops,

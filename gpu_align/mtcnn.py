@@ -217,8 +217,8 @@ def _crop_regions(boxes: torch.Tensor, image_index: torch.Tensor, ii: IntegralIm
     Returns (y0, x0, h, w) (N,) int64 and the (N,) bool mask of non-empty regions.
     """
     t = boxes.trunc().long()
-    img_h = torch.tensor(ii.heights, dtype=torch.int64, device=boxes.device)[image_index]
-    img_w = torch.tensor(ii.widths, dtype=torch.int64, device=boxes.device)[image_index]
+    img_h = ii.height[image_index]
+    img_w = ii.width[image_index]
     x0 = t[:, 0].clamp(min=1) - 1
     y0 = t[:, 1].clamp(min=1) - 1
     x1 = torch.minimum(t[:, 2], img_w)
