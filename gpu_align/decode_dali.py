@@ -14,13 +14,15 @@ One undecodable file aborts a DALI run. Then the pipeline is rebuilt and the bat
 file(s) are isolated; an isolated file is given one try on the CPU decoder (so a file DALI cannot decode but
 libjpeg-turbo/Pillow can is still used) before it is reported as corrupt. Each failed pipeline is shut down before
 the next one is built (its threads and buffers do not pile up over the bisection). Out of memory is not a bad
-file: the batch is halved (no file reported), and a single image that still does not fit stops the run with one
-line saying which ``--batch-size`` to use.
+file: the batch is halved (no file reported), and a single image that still does not fit is decoded on the CPU
+(with a warning saying which ``--batch-size`` to use): a decoder message that merely reads like out of memory
+(libpng's "out of memory" for a damaged chunk) then still ends as that one file's "corrupt", never as a stop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import torch
@@ -28,7 +30,6 @@ import torch
 from gpu_align.decode import CORRUPT, DecodeError, Decoder, Loaded, check_jpeg_data
 from gpu_align.decode_cpu import decode_bytes
 from gpu_align.device import is_out_of_memory, oom_message
-from packer.errors import UserError
 
 
 def _dali_reason(error: Exception) -> str:
@@ -151,11 +152,16 @@ class DaliDecoder(Decoder):
         self.rebuilds += 1
         self._build()
         if oom:  # the batch's fault, not a file's: halve it, never bisect down to "corrupt" files
-            if len(items) == 1:
-                raise UserError(oom_message("decoding", self.batch_size, self.device) + f" (DALI: {reason})")
             if self.mixed:
                 torch.cuda.empty_cache()  # torch's cached blocks back to the driver, for DALI's allocator
-            self.oom_splits += 1
+            if len(items) == 1:
+                warnings.warn(
+                    f"{oom_message('decoding', self.batch_size, self.device)}; DALI: {reason}; "
+                    f"decoding {items[0].path} on the CPU",
+                    stacklevel=2,
+                )
+            else:
+                self.oom_splits += 1
         if len(items) > 1:
             mid = len(items) // 2
             left, left_failed = self._decode(items[:mid])
