@@ -499,13 +499,14 @@ def _versions() -> dict[str, str]:
 
 
 def _progress(opts: RunOptions, total: int, initial: int):
+    """The progress bar counts this invocation's work only (``total - initial``), so its rate and ETA are this
+    run's: with ``initial=done`` a resume's first ETA would mix in inputs that the interrupted run did."""
     from tqdm import tqdm
 
     return tqdm(
-        total=total,
-        initial=initial,
+        total=total - initial,
         unit="img",
-        desc="aligning",
+        desc=f"aligning (resumed at {initial:,} of {total:,})" if initial else "aligning",
         disable=opts.quiet,
         dynamic_ncols=True,
         smoothing=0.1,
@@ -622,7 +623,7 @@ def _report_extra(
     t_start: float,
 ) -> dict[str, Any]:
     """What this invocation adds to report.json (under ``extra``): settings, versions, device, counts, timings."""
-    seconds = time.perf_counter() - t_start
+    seconds = time.perf_counter() - t_start  # RunResult.seconds is this same number (the printed summary)
     return {
         "run": {
             "options": {k: v for k, v in asdict(opts).items() if k not in ("quiet",)},
@@ -693,9 +694,9 @@ def run(opts: RunOptions) -> RunResult:
     if opts.batch_size is None:
         opts.batch_size = 256 if device.type == "cuda" else 32
     if opts.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
+        raise UserError(f"batch_size must be at least 1, got {opts.batch_size}")  # the CLI shows its flags
     if not 1 <= opts.quality <= 100:
-        raise UserError(f"--quality must be in 1..100, got {opts.quality}")
+        raise UserError(f"quality must be in 1..100, got {opts.quality}")
     _check_folder(opts.out, "--out")
     if opts.save_crops:
         _check_folder(opts.save_crops, "--save-crops")
@@ -720,7 +721,8 @@ def run(opts: RunOptions) -> RunResult:
             if not known and (out / STATE_NAME).is_file():  # unfinished from here on: keep the per-input detail
                 _write_inputs(out, fingerprint, records)
             processed = _align_all(opts, items, done, decoder, aligner, packer, times, counts)
-            stats = packer.finish(_report_extra(opts, device, decoder, source, done, processed, counts, times, t_start))
+            extra = _report_extra(opts, device, decoder, source, done, processed, counts, times, t_start)
+            stats = packer.finish(extra)
         except BaseException:  # Ctrl-C included: the packer keeps everything committed, resumable
             packer.abort()
             raise
@@ -738,7 +740,7 @@ def run(opts: RunOptions) -> RunResult:
         center=counts["center"],
         missed=counts["missed"],
         failed=counts["failed"],
-        seconds=time.perf_counter() - t_start,
+        seconds=extra["run"]["this_invocation"]["seconds"],  # the report's number: printed and reported agree
         times=times,
         packer=stats,
         report=report,

@@ -22,8 +22,11 @@ def _size(path: str) -> str:
     return ""
 
 
-def print_summary(result: RunResult, file: TextIO) -> None:
-    """Print the final summary of a run (dataset totals from ``report.json``, timings of this invocation)."""
+def print_summary(result: RunResult, file: TextIO, command: str = "run") -> None:
+    """Print the final summary of a run (dataset totals from ``report.json``, timings of this invocation).
+
+    ``command``: what the user ran (``run``, or ``pack`` of a photo ``.lst``), named in the header line.
+    """
     rep = result.report
     counts = rep.get("counts", {})
     by_reason = rep.get("skipped_by_reason", {})
@@ -69,6 +72,6 @@ def print_summary(result: RunResult, file: TextIO) -> None:
         )
     )
     width = max(len(k) for k, _ in rows)
-    print("gpu-align run: done", file=file)
+    print(f"gpu-align {command}: done", file=file)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}", file=file)

@@ -63,11 +63,16 @@ class ImageRecord(NamedTuple):
 
 @dataclass(frozen=True)
 class Property:
-    """The ``property`` file: ``num_classes,height,width``."""
+    """The ``property`` file: ``num_classes,height,width`` on its first line (what every training reader uses).
+
+    ``num_images``: the image count of a second line, as InsightFace's ``RecBuilder`` writes it (``verify`` checks
+    it against the data); None when there is no such line. Further lines (``rec2shufrec.py`` writes four) are ignored.
+    """
 
     num_classes: int
     height: int
     width: int
+    num_images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -194,12 +199,14 @@ def read_property(path: str | os.PathLike) -> Property | None:
     p = Path(path)
     if not p.is_file():
         return None
-    text = p.read_text(errors="replace").strip()
+    lines = p.read_text(errors="replace").strip().splitlines()
+    first = lines[0].strip() if lines else ""
     try:
-        n, h, w = (int(x) for x in text.split(","))
+        n, h, w = (int(x) for x in first.split(","))
     except ValueError:
-        raise UserError(f"{p}: expected 'num_classes,height,width', got {text[:60]!r}") from None
-    return Property(n, h, w)
+        raise UserError(f"{p}: expected 'num_classes,height,width' on the first line, got {first[:60]!r}") from None
+    count = lines[1].strip() if len(lines) > 1 else ""
+    return Property(n, h, w, int(count) if count.isdigit() else None)
 
 
 # --------------------------------------------------------------------------------------------------- images

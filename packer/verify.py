@@ -649,6 +649,9 @@ def _check_layout(rep: VerifyReport, idx_keys: np.ndarray, recs: dict, prop: Pro
 
 def _check_labels(rep: VerifyReport, recs: dict, images: np.ndarray, prop: Property | None) -> None:
     keys, flag, l0, body = recs["key"], recs["flag"], recs["l0"], recs["body"]
+    if prop is not None and prop.num_images is not None and prop.num_images != rep.num_images:
+        # RecBuilder's second line; training readers ignore it, so a stale count misleads only people
+        rep.add("property", f"property's second line says {prop.num_images} images, the dataset has {rep.num_images}")
     idx = np.flatnonzero(images)
     if not len(idx):
         return

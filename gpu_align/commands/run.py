@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import shlex
 import signal
 import sys
@@ -79,7 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="scalar",
         choices=("scalar", "pair"),
         help="scalar: label in the header, like InsightFace's released recs (every reader accepts it); pair: "
-        "[class, 1] like face2rec2 (default: scalar)",
+        "[class, 1], face2rec2's bytes, which arcface_torch on torch >= 2 (its upstream bug), TreB1eN's loader, "
+        "mx.io.ImageRecordIter and DALI do not read (default: scalar)",
     )
     g.add_argument("--shuffle", type=int, metavar="SEED", help="flat layout: shuffle the records with this seed")
     g.add_argument(
@@ -186,7 +188,42 @@ def pack_photos(args: argparse.Namespace) -> int:
         threads=args.threads,
         quiet=args.quiet,
     )
-    return _execute(opts)
+    return _execute(opts, "pack")
+
+
+# The one map from RunOptions / FaceAligner keywords to the command-line flags: the library's errors name its
+# keywords (an API caller has no flags), `gpu-align` shows the flag instead (its users have no keywords).
+CLI_FLAGS = {
+    "batch_size": "--batch-size",
+    "quality": "--quality",
+    "min_face_rel": "--min-face-rel",
+    "min_score": "--min-score",
+    "min_images": "--min-images",
+    "on_miss": "--on-miss",
+    "image_size": "--image-size",
+    "save_crops": "--save-crops",
+    "label_style": "--label-style",
+    "fp16": "--fp16",
+    "refine": "--landmarks refined",
+    "detector": "--detector",
+    "select": "--select",
+    "decoder": "--decoder",
+    "threads": "--threads",
+    "device": "--device",
+}
+# A keyword as the subject of a message ("min_face_rel must be ...", "fp16 needs ...", "device='cpu'"), never a
+# word inside a path or a quoted value.
+_KEYWORD = re.compile(
+    r"(?<![\w./-])(" + "|".join(sorted(map(re.escape, CLI_FLAGS), key=len, reverse=True)) + r")(?= must| needs|=)"
+)
+
+
+def cli_message(message: str) -> str:
+    """``message`` with API keywords replaced by their ``gpu-align`` flags (``min_face_rel must`` →
+    ``--min-face-rel must``; ``device='cpu'`` → ``--device cpu``)."""
+    message = re.sub(r"(?<![\w-])(" + "|".join(map(re.escape, CLI_FLAGS)) + r")=(['\"])([^'\"]*)\2",
+                     lambda m: f"{CLI_FLAGS[m.group(1)]} {m.group(3)}", message)
+    return _KEYWORD.sub(lambda m: CLI_FLAGS[m.group(1)], message)
 
 
 class _Signalled(KeyboardInterrupt):
@@ -237,7 +274,7 @@ def _stopped_message(out: Path) -> str:
     return "gpu-align: stopped; " + _how_to_continue(out, "everything aligned so far")
 
 
-def _execute(opts) -> int:
+def _execute(opts, command: str = "run") -> int:
     from gpu_align.pipeline import PackerDied, run
     from gpu_align.summary import print_summary
 
@@ -246,13 +283,15 @@ def _execute(opts) -> int:
             result = run(opts)
     except PackerDied as e:
         raise UserError(f"{e}; {_how_to_continue(Path(opts.out), 'everything it committed')}") from None
+    except UserError as e:
+        raise UserError(cli_message(str(e))) from None
     except KeyboardInterrupt as e:
         with contextlib.suppress(OSError):  # after a hang-up the terminal may be gone
             print("\n" + _stopped_message(Path(opts.out)), file=sys.stderr)
         if isinstance(e, _Signalled):
             return 128 + e.signum  # what a shell reports for a process stopped by that signal
         raise
-    print_summary(result, file=sys.stdout)
+    print_summary(result, file=sys.stdout, command=command)
     return 0
 
 

@@ -3,8 +3,10 @@
 The image bytes are stored as they are (no re-encode), like face2rec2 does for aligned lines. Each file is checked
 first: a regular file of at most 64 MiB (a FIFO or a device is never opened in a blocking way), a JPEG/PNG header,
 the ``--image-size`` pixel size, and one strict decode (the check ``verify`` makes), so a truncated or corrupt crop
-is skipped instead of stored; failures are listed in ``report.json``. Lines with aligned=0 (photos that need
-detection) and lines whose landmarks are bad (``packer.lst.landmark_problem``) are skipped and reported too.
+is skipped instead of stored; failures are listed in ``report.json``. Lines whose landmarks are bad
+(``packer.lst.landmark_problem``) are skipped and reported too. A ``.lst`` of photos (aligned=0) needs alignment:
+``gpu-align pack`` hands it to the aligner (``args.aligner``, from ``gpu_align``); ``python -m packer pack``, which
+never imports torch, refuses it. In a ``.lst`` that mixes both kinds, the photo lines are skipped and reported.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import collections
 import hashlib
 import itertools
+import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import simplejpeg
 
 from packer.errors import UserError
+from packer.fsutil import atomic_write
 from packer.imageinfo import NotRegularFileError, TooBigError, image_info, read_regular_file
 from packer.layout import LABEL_STYLES, LAYOUTS, DatasetWriter, PackItem, WriteSummary
 from packer.lst import LstEntry, read_lst
@@ -38,10 +42,14 @@ examples:
       continue a pack that was interrupted (Ctrl-C, kill, full disk); the result is byte-identical
 
 Paths in the .lst may be absolute, or relative to --root (default: the .lst's folder). Identities get labels
-0..C-1 in the order they first appear in the .lst; each identity's lines must be consecutive.
-Every crop is decoded once before it is stored. Skipped inputs (missing, unreadable or not a regular file, over
-64 MiB, not JPEG or PNG, wrong size, truncated, corrupt, aligned=0, too few images) are listed with reasons in
-DIR/report.json. Outputs are written as *.partial and renamed at the end; DIR/pack.state.json records progress.
+0..C-1 in the order they first appear in the .lst (face2rec2 keeps the .lst's labels; pack says when it changed
+them, and report.json maps old to new); each identity's lines must be consecutive.
+aligned=1 lines are aligned crops: stored byte for byte after one strict decode. aligned=0 lines are photos:
+`gpu-align pack` aligns them like `gpu-align run LST` (with the line's landmarks when it has them, else by
+detection); a .lst that mixes both kinds is refused there; `python -m packer pack` (no torch) refuses photos.
+Skipped inputs (missing, unreadable or not a regular file, over 64 MiB, not JPEG or PNG, wrong size, truncated,
+corrupt, bad landmarks, too few images) are listed with reasons in DIR/report.json. Outputs are written as *.partial
+and renamed at the end; DIR/pack.state.json records progress.
 """
 
 _PREFETCH = 64  # files read ahead by the reader threads
@@ -149,6 +157,41 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _renumbering(groups: dict[str, int], report: dict) -> dict[str, int]:
+    """``{.lst label: stored label}`` of the identities that were stored (labels 0..C-1 in .lst order).
+
+    ``groups``: lines per .lst label, in .lst order. An identity is stored when some of its lines were not skipped
+    (report.json lists every skipped input, "too few images" included, across resumes).
+    """
+    skipped: dict[str, int] = {}
+    for s in report.get("skipped", []):
+        skipped[s.get("group")] = skipped.get(s.get("group"), 0) + 1
+    kept = [g for g, n in groups.items() if n > skipped.get(g, 0)]
+    return {g: i for i, g in enumerate(kept)}
+
+
+def _note_renumbering(out_dir: str, groups: dict[str, int]) -> str | None:
+    """When any stored identity's label differs from its .lst label: record the map in report.json, return a note."""
+    path = os.path.join(out_dir, "report.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    mapping = _renumbering(groups, report)
+    changed = [(g, i) for g, i in mapping.items() if g != str(i)]
+    if not changed:
+        return None
+    shown = ", ".join(f"{g} → {i}" for g, i in changed[:3]) + (", …" if len(changed) > 3 else "")
+    note = (
+        f"{len(changed)} of {len(mapping)} identities got a new label ({shown}): labels are renumbered to "
+        f"0..{len(mapping) - 1} in .lst order (face2rec2 keeps the .lst's labels); report.json has the map"
+    )
+    report["label_renumbering"] = {"note": note, "lst_to_stored": mapping}
+    atomic_write(path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
+    return note
+
+
 def _print_summary(s: WriteSummary, quiet: bool) -> None:
     resumed = f" (resumed after {s.resumed_from} inputs)" if s.resumed_from else ""
     if s.already_finished:
@@ -160,7 +203,8 @@ def _print_summary(s: WriteSummary, quiet: bool) -> None:
     if s.num_skipped:
         reasons = ", ".join(f"{n} {k}" for k, n in s.skipped_by_reason.items())
         msg += f"; skipped {s.num_skipped} inputs ({reasons}), listed in {s.report_path}"
-    print(msg)
+    print("gpu-align pack: done")
+    print(f"  {msg}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -171,8 +215,10 @@ def _run(args: argparse.Namespace) -> int:
     total = 0
     unaligned: list[str] = []
     n_unaligned = 0
+    groups: dict[str, int] = {}  # lines per .lst label, in .lst order (for the renumbering note)
     for e in read_lst(lst_path):
         total += 1
+        groups[str(e.label)] = groups.get(str(e.label), 0) + 1
         if e.aligned == 0:
             n_unaligned += 1
             if len(unaligned) < 3:
@@ -180,8 +226,14 @@ def _run(args: argparse.Namespace) -> int:
     if not total:
         raise UserError(f"{lst_path}: no entries")
     # `gpu-align` hands over its aligner as args.aligner (it needs torch, which the packer does not import);
-    # without one (`python -m packer pack`), aligned=0 lines are skipped and reported.
+    # without one (`python -m packer pack`), a .lst of photos is refused and photo lines among crops are skipped.
     aligner: Callable[[argparse.Namespace], int] | None = getattr(args, "aligner", None)
+    if n_unaligned == total and aligner is None:
+        raise UserError(
+            f"{lst_path}: its {total} lines are photos (aligned=0, e.g. {unaligned[0]}) that need face detection and "
+            f"alignment, which `python -m packer pack` (no torch) does not do; run `gpu-align pack {lst_path} --out "
+            f"{args.out}` (or `gpu-align run`), which align them"
+        )
     if n_unaligned and aligner is not None:
         if n_unaligned < total:
             raise UserError(
@@ -219,7 +271,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with (
             writer,
-            tqdm(total=total, initial=writer.done, unit="img", desc="pack", disable=args.quiet, file=sys.stderr) as bar,
+            tqdm(  # this invocation's work only: the rate and ETA after a resume are this run's
+                total=total - writer.done,
+                unit="img",
+                desc=f"pack (resumed at {writer.done:,} of {total:,})" if writer.done else "pack",
+                disable=args.quiet,
+                file=sys.stderr,
+            ) as bar,
         ):
             for item in _items(todo, root, args.image_size, args.threads):
                 writer.add(item)
@@ -237,6 +295,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         raise
     _print_summary(summary, args.quiet)
+    if not summary.already_finished and (note := _note_renumbering(args.out, groups)):
+        print(f"  note: {note}")
     if summary.num_images == 0:
         print("gpu-align: warning: no images were written", file=sys.stderr)
         return 1
@@ -246,10 +306,12 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pack",
-        help="pack aligned face crops listed in a .lst into train.rec/.idx/.lst + property (face2rec2)",
-        description="Pack the aligned crops (aligned=1 lines) of a face2rec2 .lst into an InsightFace dataset "
-        "folder: train.rec, train.idx, train.lst, property, report.json. Image bytes are stored as they are, as "
-        "face2rec2 does. Killed or out of disk space? Rerun with --resume.",
+        help="pack a face2rec2 .lst into train.rec/.idx/.lst + property: aligned=1 crops stored as they are, "
+        "aligned=0 photos aligned (with their landmarks, else detected)",
+        description="Pack a face2rec2 .lst into an InsightFace dataset folder: train.rec, train.idx, train.lst, "
+        "property, report.json. aligned=1 lines (aligned crops) are stored byte for byte, as face2rec2 does; "
+        "aligned=0 lines (photos) are aligned like `gpu-align run LST`: warped with the line's landmarks when it "
+        "has them, else detected. Killed or out of disk space? Rerun with --resume.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -267,7 +329,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=LABEL_STYLES,
         default="scalar",
         help="scalar (default): class in the record header, like InsightFace's released datasets, read by every "
-        "known loader; pair: [class, 1.0] like face2rec2",
+        "known loader; pair: [class, 1.0], face2rec2's bytes, which arcface_torch on torch >= 2 (its upstream "
+        "bug), TreB1eN's loader, mx.io.ImageRecordIter and DALI do not read",
     )
     p.add_argument(
         "--image-size",
