@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -132,3 +133,15 @@ def test_progress_after_a_resume_counts_this_run_only():
         assert "resumed at 900 of 1,000" in d["prefix"]
     finally:
         bar.close()
+
+
+def test_cpu_defaults_keep_a_users_values():
+    from gpu_align.cli import cpu_defaults
+
+    env: dict[str, str] = {}
+    cpu_defaults(env)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert int(env["OMP_NUM_THREADS"]) == len(os.sched_getaffinity(0))
+    mine = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "7"}
+    cpu_defaults(mine)
+    assert mine == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "7"}
