@@ -116,11 +116,11 @@ class PNet(nn.Module):
         id1 = ids[:, :-2, :-2]
         valid1 = (id1 >= 0) & (id1 == ids[:, 2:, 2:])
         y = self.prelu1(self.conv1(x))
-        y = self.pool1(torch.where(valid1[:, None], y, torch.tensor(_OUTSIDE, dtype=y.dtype, device=y.device)))
+        y = self.pool1(torch.where(valid1[:, None], y, _OUTSIDE))  # a Python scalar: no host→device copy
         # A pooled cell is valid iff the top-left conv1 cell of its window is (the pool is ceil-mode).
         valid2 = valid1[:, ::2, ::2]
         id2 = id1[:, ::2, ::2]
-        y = torch.where(valid2[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+        y = torch.where(valid2[:, None], y, 0.0)
         reg, prob = self._head(y)
         # Output cell (i, j) reads pooled cells [i, i+5) × [j, j+5): valid iff both corners are valid, same placement.
         cell = id2[:, :-4, :-4]
@@ -449,14 +449,29 @@ class MTCNN(nn.Module):
     def _stage1(self, ii: IntegralImages, plan: PyramidPlan, tuning: Tuning) -> tuple[torch.Tensor, torch.Tensor]:
         """P-Net over the atlas; returns regressed, squared boxes (N, 4) float32 and their image (N,) int64."""
         device = ii.device
-        k = torch.from_numpy(np.stack([plan.image, plan.height, plan.width, plan.page, plan.y, plan.x])).to(device)
-        p_image, p_h, p_w, p_page, p_y, p_x = k
-        p_scale = torch.from_numpy(plan.scale.astype(np.float32)).to(device)
+        calls = plan.calls(tuning.pnet_max_pixels)
+        sels = [np.flatnonzero((plan.page >= first) & (plan.page < end)) for first, end, _ in calls]
+        # Every plan array in one host→device transfer: the int64 ones, each call's placements, the scales.
+        ints = np.concatenate(
+            [np.stack([plan.image, plan.height, plan.width, plan.page, plan.y, plan.x]).ravel(), *sels]
+        )
+        scale32 = plan.scale.astype(np.float32)
+        packed = torch.from_numpy(np.concatenate([ints.astype(np.int64).view(np.uint8), scale32.view(np.uint8)]))
+        packed = packed.to(device, non_blocking=True)
+        k_count = len(plan)
+        ints_t = packed[: 8 * len(ints)].view(torch.int64)
+        p_image, p_h, p_w, p_page, p_y, p_x = ints_t[: 6 * k_count].view(6, k_count)
+        p_scale = packed[8 * len(ints) :].view(torch.float32)
+        sel_ts, o = [], 6 * k_count
+        for sel in sels:
+            sel_ts.append(ints_t[o : o + len(sel)])
+            o += len(sel)
         thr_p, _, _ = self.thresholds
-        per_call = []
-        for first, end, height in plan.calls(tuning.pnet_max_pixels):
+        # P-Net outputs of every call, flattened and concatenated, so that one nonzero (one host sync) finds the
+        # candidates of all calls and one NMS (per placement, which never spans calls) thins them.
+        probs, cells, regs, shapes = [], [], [], []
+        for (first, end, height), sel, sel_t in zip(calls, sels, sel_ts, strict=True):
             width = plan.page_width
-            sel = np.flatnonzero((plan.page >= first) & (plan.page < end))
             pages = end - first
             atlas = torch.zeros((pages, height, width, 3), dtype=self.dtype, device=device)
             ids = torch.full((pages, height, width), -1, dtype=torch.int32, device=device)
@@ -474,7 +489,6 @@ class MTCNN(nn.Module):
                     ids,
                 )
             else:
-                sel_t = torch.from_numpy(sel).to(device)
                 page_base = (p_page[sel_t] - first) * (height * width)
                 resample_ragged_into(
                     ii,
@@ -492,26 +506,45 @@ class MTCNN(nn.Module):
             x = atlas.permute(0, 3, 1, 2)
             x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             reg, prob, cell = self.pnet.forward_atlas(x, ids)
-            pi, ci, cj = torch.nonzero((cell >= 0) & (prob >= thr_p), as_tuple=True)
-            place = cell[pi, ci, cj]
-            score = prob[pi, ci, cj].float()
-            offsets = reg[pi, :, ci, cj].float()
-            scale = p_scale[place]
-            # facenet-pytorch generateBoundingBox: cell (x, y) → [floor((2x+1)/s), floor((2x+12)/s)].
-            cx = (cj - torch.div(p_x[place], 2, rounding_mode="floor")).float()
-            cy = (ci - torch.div(p_y[place], 2, rounding_mode="floor")).float()
-            b = torch.stack(
-                [
-                    ((2 * cx + 1) / scale).floor(),
-                    ((2 * cy + 1) / scale).floor(),
-                    ((2 * cx + 12) / scale).floor(),
-                    ((2 * cy + 12) / scale).floor(),
-                ],
-                dim=1,
-            )
-            keep = batched_nms(b, score, place, self.nms_thresholds[0])  # within each image × level
-            per_call.append((b[keep], score[keep], offsets[keep], p_image[place[keep]]))
-        boxes, score, offsets, image_index = (torch.cat(v) for v in zip(*per_call, strict=True))
+            probs.append(prob.reshape(-1))
+            cells.append(cell.reshape(-1))
+            regs.append(reg.permute(0, 2, 3, 1).reshape(-1, 4))  # (cells, 4), row-major like prob and cell
+            shapes.append(prob.shape[1:])
+        cat = (lambda v: v[0]) if len(calls) == 1 else torch.cat
+        prob, cell, reg = cat(probs), cat(cells), cat(regs)
+        idx = torch.nonzero((cell >= 0) & (prob >= thr_p))[:, 0]  # row-major, call by call: the per-call order
+        place = cell[idx]
+        score = prob[idx].float()
+        offsets = reg[idx].float()
+        # Cell (row ci, column cj) of each candidate on its page, from its flat index within its call.
+        if len(calls) == 1:
+            q, (oh, ow) = idx, shapes[0]
+            call = None
+        else:
+            starts = np.cumsum([0, *(p.numel() for p in probs[:-1])])
+            geo = torch.tensor(np.stack([starts, [h for h, _ in shapes], [w for _, w in shapes]]), dtype=torch.int64)
+            geo = geo.to(device, non_blocking=True)
+            call = torch.searchsorted(geo[0], idx, right=True) - 1
+            q, oh, ow = idx - geo[0][call], geo[1][call], geo[2][call]
+        cj = q % ow
+        ci = torch.div(q, ow, rounding_mode="floor") % oh
+        scale = p_scale[place]
+        # facenet-pytorch generateBoundingBox: cell (x, y) → [floor((2x+1)/s), floor((2x+12)/s)].
+        cx = (cj - torch.div(p_x[place], 2, rounding_mode="floor")).float()
+        cy = (ci - torch.div(p_y[place], 2, rounding_mode="floor")).float()
+        b = torch.stack(
+            [
+                ((2 * cx + 1) / scale).floor(),
+                ((2 * cy + 1) / scale).floor(),
+                ((2 * cx + 12) / scale).floor(),
+                ((2 * cy + 12) / scale).floor(),
+            ],
+            dim=1,
+        )
+        keep = batched_nms(b, score, place, self.nms_thresholds[0])  # within each image × level
+        if call is not None:  # call by call, as separate per-call NMS runs would list them (ties depend on it)
+            keep = keep[torch.sort(call[keep], stable=True).indices]
+        boxes, score, offsets, image_index = b[keep], score[keep], offsets[keep], p_image[place[keep]]
         keep = batched_nms(boxes, score, image_index, self.nms_thresholds[1])  # across levels, per image
         boxes, offsets, image_index = boxes[keep], offsets[keep], image_index[keep]
         w = (boxes[:, 2] - boxes[:, 0])[:, None]
@@ -542,7 +575,7 @@ class MTCNN(nn.Module):
         if boxes.shape[0] == 0:
             return boxes, image_index
         reg, prob = self._run_crops(self.rnet, ii, y0, x0, h, w, image_index, 24, tuning.crop_batch)
-        ok = prob > self.thresholds[1]
+        ok = (prob > self.thresholds[1]).nonzero()[:, 0]  # one host sync for all four (a mask would sync per tensor)
         boxes, image_index, reg, prob = boxes[ok], image_index[ok], reg[ok], prob[ok]
         keep = batched_nms(boxes, prob, image_index, self.nms_thresholds[1])
         return _rerec(_bbreg(boxes[keep], reg[keep])), image_index[keep]
@@ -558,7 +591,7 @@ class MTCNN(nn.Module):
             return boxes, boxes.new_zeros((0,)), boxes.new_zeros((0, 5, 2)), image_index
         batch = max(1, tuning.crop_batch // 4)  # 48×48 crops: a quarter as many per pass as 24×24 ones
         reg, points, prob = self._run_crops(self.onet, ii, y0, x0, h, w, image_index, 48, batch)
-        ok = prob > self.thresholds[2]
+        ok = (prob > self.thresholds[2]).nonzero()[:, 0]  # one host sync for all five
         boxes, image_index, reg, points, prob = boxes[ok], image_index[ok], reg[ok], points[ok], prob[ok]
         # Landmarks are relative to the O-Net input box (before regression), +1 sizes and the -1 of 1-based crops.
         bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]

@@ -95,8 +95,12 @@ def batched_nms(
         edges = [0, *cuts, n]
         pair_edges = [*first_pair, total]
         chunks = [(edges[c], edges[c + 1], pair_edges[c], pair_edges[c + 1]) for c in range(len(edges) - 1)]
+    # One chunk (the usual case): every candidate pair is kept with its "overlaps" flag, no boolean compaction
+    # (a host sync); the fixed-point rounds count only flagged pairs. Several chunks: only the overlapping pairs
+    # are kept, which bounds the memory.
     sup_i: list[torch.Tensor] = []
     sup_j: list[torch.Tensor] = []
+    sup_w: list[torch.Tensor] = []
     for lo, hi, p0, p1 in chunks:
         if p1 == p0:
             continue
@@ -105,24 +109,28 @@ def batched_nms(
         i = torch.repeat_interleave(pos[lo:hi], counts, output_size=p1 - p0)
         j = i + 1 + torch.arange(p1 - p0, device=device) - first.repeat_interleave(counts, output_size=p1 - p0)
         hit = _overlap(sboxes[i], sboxes[j], mode) > threshold
-        sup_i.append(i[hit])
-        sup_j.append(j[hit])
+        if len(chunks) > 1:
+            i, j, hit = i[hit], j[hit], hit[hit]
+        sup_i.append(i)
+        sup_j.append(j)
+        sup_w.append(hit.to(torch.int32))
 
     keep = torch.ones(n, dtype=torch.bool, device=device)
     if sup_i:
-        pi = torch.cat(sup_i)
-        pj = torch.cat(sup_j)
-        if pi.numel():
-            # Fixed-point iteration (see module docstring); check convergence every few rounds to limit syncs.
-            counts = torch.zeros(n, dtype=torch.int32, device=device)
-            while True:
-                prev = keep
-                for _ in range(4):
-                    counts.zero_()
-                    counts.index_add_(0, pj, keep[pi].to(torch.int32))
-                    keep = counts == 0
-                if bool(torch.equal(prev, keep)):
-                    break
+        pi, pj, pw = (torch.cat(v) if len(v) > 1 else v[0] for v in (sup_i, sup_j, sup_w))
+        # Fixed-point iteration (see module docstring). Convergence is checked after 4, 8, 16, ... rounds: a
+        # check is a host sync, a round a few cheap ops, and most batches converge within 4-8 rounds.
+        counts = torch.zeros(n, dtype=torch.int32, device=device)
+        rounds = 4
+        while True:
+            prev = keep
+            for _ in range(rounds):
+                counts.zero_()
+                counts.index_add_(0, pj, keep[pi].to(torch.int32) * pw)
+                keep = counts == 0
+            if bool(torch.equal(prev, keep)):
+                break
+            rounds *= 2
     kept = order[keep]
     # Global descending-score order, ties by original index (the sort of `order` by score is stable).
     rank = torch.empty(n, dtype=torch.int64, device=device)

@@ -85,8 +85,9 @@ def integral_images(
     if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < total:
         buffer = torch.empty(total, dtype=dtype, device=device)
     flat = buffer[:total].view(-1, 3)
-    # Per-image numbers in one host→device transfer: base, stride, H, W.
-    meta = torch.tensor([bases, [w + 1 for w in widths], heights, widths], dtype=torch.int64)
+    # Per-image numbers in one host→device transfer: base, stride, H, W, first pixel (of all images' pixels).
+    pixel_starts = np.cumsum([0, *(h * w for h, w in zip(heights[:-1], widths[:-1], strict=True))]).tolist()
+    meta = torch.tensor([bases, [w + 1 for w in widths], heights, widths, pixel_starts], dtype=torch.int64)
     meta = meta.to(device, non_blocking=True)
     if device.type != "cpu" if torch_scan is None else torch_scan:
         _scan_batch(images, heights, widths, bases, meta, flat, max_pixels)
@@ -122,8 +123,8 @@ def _scan_batch(images, heights, widths, bases, meta, flat, max_pixels: int) -> 
     pixels per step), so the result equals the numpy path exactly. Then one scatter writes the tables (and one
     fill their zero first row and column). Images are grouped into steps of at most ``max_pixels`` pixels.
 
-    Args: images (H_b, W_b, 3) uint8 on one device; heights, widths, bases: host ints; meta: (4, B) int64 on
-    the device (base, stride, H, W); flat: (T, 3) int32/int64 output on the device.
+    Args: images (H_b, W_b, 3) uint8 on one device; heights, widths, bases: host ints; meta: (5, B) int64 on
+    the device (base, stride, H, W, first pixel); flat: (T, 3) int32/int64 output on the device.
     """
     device = flat.device
     flat.zero_()
@@ -134,10 +135,9 @@ def _scan_batch(images, heights, widths, bases, meta, flat, max_pixels: int) -> 
         while b1 < n and (b1 == b0 or pixels + heights[b1] * widths[b1] <= max_pixels):
             pixels += heights[b1] * widths[b1]
             b1 += 1
-        counts = [heights[b] * widths[b] for b in range(b0, b1)]
         if pixels:
             pix = torch.cat([im.reshape(-1, 3) for im in images[b0:b1]]).T.to(torch.int64)  # (3, P)
-            starts = torch.tensor(np.cumsum([0, *counts[:-1]]), dtype=torch.int64).to(device, non_blocking=True)
+            starts = meta[4, b0:b1] - meta[4, b0]  # first pixel of each image within the step
             p = torch.arange(pixels, device=device)
             b = torch.searchsorted(starts, p, right=True) - 1  # image of each pixel (0-based within the step)
             q = p - starts[b]
