@@ -46,6 +46,7 @@ from packer.errors import UserError
 from packer.layout import STATE_NAME
 from packer.lst import LstEntry, landmarks_outside
 from packer.process import CropBatch, ItemMeta, packer_main, peak_rss_mb
+from packer.report_html import write_report_html_or_warn
 
 __all__ = ["INPUTS_NAME", "PackerDied", "RunOptions", "RunResult", "run"]
 
@@ -731,6 +732,7 @@ def run(opts: RunOptions) -> RunResult:
     for name in (INPUTS_NAME, INPUTS_NAME + ".tmp"):  # finished: the state it accompanied is gone too
         with contextlib.suppress(OSError):
             (out / name).unlink()
+    write_report_html_or_warn(out)
     report = _read_json(Path(opts.out) / "report.json")
     return RunResult(
         out_dir=Path(opts.out),

@@ -68,7 +68,7 @@ def print_summary(result: RunResult, file: TextIO, command: str = "run") -> None
         (
             "outputs",
             f"{os.path.join(out, 'train.rec')} ({_size(os.path.join(out, 'train.rec'))}), "
-            "train.idx, train.lst, property, report.json",
+            "train.idx, train.lst, property, report.json, report.html",
         )
     )
     width = max(len(k) for k, _ in rows)

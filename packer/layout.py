@@ -297,7 +297,7 @@ class DatasetWriter:
         return self.out_dir / (_STREAM[key] + _PARTIAL)
 
     def _our_names(self) -> list[str]:
-        names = [*_OUTPUT_ORDER, STATE_NAME, STATE_NAME + ".tmp"]
+        names = [*_OUTPUT_ORDER, STATE_NAME, STATE_NAME + ".tmp", "report.html", "report.html.tmp"]
         names += [n + _PARTIAL for n in (*_STREAM.values(), "property", REPORT_NAME)]
         names += [n + _SHUFFLED for n in ("train.rec", "train.idx", "train.rec.crc", "train.lst")]
         return names + [n for c in self.companions for n in (c, c + ".tmp")]

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 from packer.fsutil import atomic_write
 from packer.reader import DatasetReader, decode_image, label_of
 
-__all__ = ["REPORT_HTML_NAME", "write_report_html"]
+__all__ = ["REPORT_HTML_NAME", "write_report_html", "write_report_html_or_warn"]
 
 REPORT_HTML_NAME = "report.html"
 _MAX_SOURCE_BYTES = 64 << 20  # larger source files get a placeholder instead of a thumbnail
@@ -412,3 +413,13 @@ def write_report_html(out_dir: str | os.PathLike, **kwargs: Any) -> Path:
     path = out / REPORT_HTML_NAME
     atomic_write(path, page.encode("utf-8"), sync=False)
     return path
+
+
+def write_report_html_or_warn(out_dir: str | os.PathLike) -> Path | None:
+    """:func:`write_report_html` after a finished ``run``/``pack``: the dataset is complete whatever happens here,
+    so a failure is one warning line on stderr, never an error."""
+    try:
+        return write_report_html(out_dir)
+    except (OSError, ValueError) as e:
+        print(f"gpu-align: warning: {Path(out_dir) / REPORT_HTML_NAME} not written: {e}", file=sys.stderr)
+        return None

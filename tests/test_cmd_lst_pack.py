@@ -66,7 +66,8 @@ def _read(d: Path):
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    """The dataset's files; report.html is a page for people (it names DIR and its own build time)."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "report.html"}
 
 
 def _pack_cmd(lst, out, *extra) -> list[str]:
@@ -154,7 +155,7 @@ def test_pack_default_insightface_scalar(faces, tmp_path, capsys):
     assert recs[7][1] == (faces / "faces/id01/001.jpg").read_bytes()  # bytes stored as-is
     assert (out / "property").read_text() == "24,112,112\n"
     assert (out / "train.lst").read_text() == (faces / "faces.lst").read_text()
-    names = ["property", "report.json", "train.idx", "train.lst", "train.rec", "train.rec.crc"]
+    names = ["property", "report.html", "report.json", "train.idx", "train.lst", "train.rec", "train.rec.crc"]
     assert sorted(p.name for p in out.iterdir()) == names
 
 

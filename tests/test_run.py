@@ -352,6 +352,8 @@ def test_multi_face_photos_are_noted_with_the_runner_up(tmp_path):
     box = [float(v) for v in line.split("\t")[3:7]]  # aligned, path, label, x1, y1, x2, y2, landmarks
     assert np.abs(np.array(box) - note["chosen"]["box"]).max() <= 0.5  # train.lst rounds the box to pixels
     assert np.abs(np.array(note["runner_up"]["box"]) - note["chosen"]["box"]).max() > 20  # another person
+    page = (out / "report.html").read_text(encoding="utf-8")  # written beside report.json, self-contained
+    assert "t1.jpg" in page and "multi-face" in page.lower() and "http" not in page
 
 
 def test_cli_face_options_reach_the_run(tmp_path):

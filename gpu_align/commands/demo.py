@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     ds, q = shlex.quote(str(dataset_dir)), shlex.quote
     print(
         f"\nphotos   {photos_dir}/<identity>/<image>\n"
-        f"dataset  {dataset_dir}/train.rec, train.idx, train.lst, property, report.json\n"
+        f"dataset  {dataset_dir}/train.rec, train.idx, train.lst, property, report.json, report.html\n"
         + (f"report   {dataset_dir / 'report.html'} (open it in a browser)\n" if html.is_file() else "")
         + f"montage  {montage_path}\n\n"
         f"next:\n  {me} inspect {ds}\n  {me} verify {ds}\n  {me} unpack {ds} --out {q(str(out / 'unpacked'))}"

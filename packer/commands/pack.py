@@ -29,6 +29,7 @@ from packer.imageinfo import NotRegularFileError, TooBigError, image_info, read_
 from packer.layout import LABEL_STYLES, LAYOUTS, DatasetWriter, PackItem, WriteSummary
 from packer.lst import LstEntry, read_lst
 from packer.reader import decode_image
+from packer.report_html import write_report_html_or_warn
 
 EPILOG = """\
 examples:
@@ -297,6 +298,7 @@ def _run(args: argparse.Namespace) -> int:
     _print_summary(summary, args.quiet)
     if not summary.already_finished and (note := _note_renumbering(args.out, groups)):
         print(f"  note: {note}")
+    write_report_html_or_warn(args.out)  # after the note: the page shows the final report.json
     if summary.num_images == 0:
         print("gpu-align: warning: no images were written", file=sys.stderr)
         return 1
