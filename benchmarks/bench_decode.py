@@ -40,12 +40,47 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
+def network_storage(paths: list[Path], a) -> list[str]:
+    """Files/s of the CPU decoder when every file read waits ``--read-latency-ms`` (network storage, simulated
+    with a sleep before each read), for several file-reading thread counts (``reader_threads``)."""
+    import gpu_align.decode as decode
+
+    real = decode.read_file
+
+    def slow_read(path, **kw):
+        time.sleep(a.read_latency_ms / 1000)
+        return real(path, **kw)
+
+    out = [
+        "",
+        f"Network storage, simulated: {a.read_latency_ms:g} ms before every file read ({len(paths)} files, cpu "
+        f"decoder, {a.threads} decode threads):",
+        "",
+        "| reader threads | files/s |",
+        "| ---: | ---: |",
+    ]
+    decode.read_file = slow_read
+    try:
+        for readers in (4, 8, decode.READER_THREADS, 32):
+            with make_decoder("cpu", threads=a.threads, batch_size=a.batch, reader_threads=readers) as d:
+                t = time.perf_counter()
+                n = sum(len(b) + len(b.failures) for b in d.batches(enumerate(paths)))
+                rate = n / (time.perf_counter() - t)
+            default = " (default)" if readers == decode.READER_THREADS else ""
+            out.append(f"| {readers}{default} | {rate:,.0f} |")
+            print(f"network storage, {readers} reader threads: {rate:,.0f} files/s")
+    finally:
+        decode.read_file = real
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="number of JPEGs (default 2000)")
     ap.add_argument("--threads", type=int, default=2, help="decoder threads (default 2)")
     ap.add_argument("--batch", type=int, default=64, help="decode batch size (default 64)")
     ap.add_argument("--repeat", type=int, default=7, help="interleaved timed rounds (default 7)")
+    ap.add_argument("--read-latency-ms", type=float, default=5.0, help="simulated network storage latency (5)")
     ap.add_argument("--write-results", action="store_true", help="update the Decode section of benchmarks/RESULTS.md")
     a = ap.parse_args()
 
@@ -72,6 +107,9 @@ def main() -> None:
             d = make_decoder(kind, device=device, threads=a.threads, batch_size=a.batch)
             sum(len(b) for b in d.batches(enumerate(paths[:256])))  # warm-up
             rows[f"{d.name}, {a.threads} threads, files -> torch"] = d
+        # the loader pool as it was (as many threads as decode threads), against the default reader threads above
+        d = make_decoder("cpu", threads=a.threads, batch_size=a.batch, reader_threads=a.threads)
+        rows[f"{d.name}, {a.threads} threads, {a.threads} reader threads (before: readers = decode threads)"] = d
         wall = {k: [] for k in rows}
         cpu = {k: [] for k in rows}
         for _ in range(a.repeat):
@@ -90,6 +128,7 @@ def main() -> None:
         for d in rows.values():
             if d is not None:
                 d.close()
+        network = network_storage(paths[: min(len(paths), 1000)], a) if a.read_latency_ms > 0 else []
 
     lines = [
         f"Machine: {machine()}.",
@@ -102,6 +141,7 @@ def main() -> None:
     ]
     for label in rows:
         lines.append(f"| {label} | {max(wall[label]):,.0f} | {np.median(wall[label]):,.0f} | {min(cpu[label]):,.0f} |")
+    lines += network
     lines += ["", f"Command: `python -m benchmarks.bench_decode --n {a.n} --threads {a.threads} --repeat {a.repeat}`."]
     text = "\n".join(lines)
     print(text)

@@ -334,6 +334,10 @@ class Loaded:
     reason: str | None = None  # set when the input failed
 
 
+# Default file-reading threads (I/O bound: enough to keep ~3k files/s in flight at 5 ms per file).
+READER_THREADS = 16
+
+
 class Decoder(ABC):
     """Turns ``(index, path)`` items into :class:`DecodedBatch` es; never raises for a bad file.
 
@@ -354,6 +358,7 @@ class Decoder(ABC):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
         prefetch: int = 1,
+        reader_threads: int | None = None,
     ):
         if batch_size < 1:
             raise UserError(f"decode batch size must be >= 1, got {batch_size}")
@@ -363,7 +368,13 @@ class Decoder(ABC):
         self.max_pixels = max_pixels
         self.max_batch_pixels = max_batch_pixels
         self.prefetch = max(0, prefetch)
+        # File reading waits on storage (network file systems: ~5 ms per file), so files are read by their own,
+        # larger pool (I/O bound) and handed to the loader pool (probe, checks, CPU decode: as many as the cores;
+        # oversubscribing it measured ~30 % slower on 2 cores).
+        self.reader_threads = max(1, READER_THREADS if reader_threads is None else reader_threads)
+        self._readers = ThreadPoolExecutor(self.reader_threads, thread_name_prefix="read")
         self._pool = ThreadPoolExecutor(self._loader_threads(), thread_name_prefix="decode")
+        self._read_ahead: dict[int, bytes | Exception] = {}  # index -> bytes read by a reader thread
 
     def _loader_threads(self) -> int:
         return self.threads
@@ -372,47 +383,95 @@ class Decoder(ABC):
     def _load(self, index: int, path: str) -> Loaded:
         item = Loaded(index, str(path))
         try:
-            item.data = read_file(path, max_pixels=self.max_pixels)
+            item.data = self._read(index, path)
             item.info = probe_image(item.data, max_pixels=self.max_pixels)
         except DecodeError as e:
             item.data, item.reason = None, str(e)
         return item
+
+    def _read(self, index: int, path: str) -> bytes:
+        """The file's bytes: those a reader thread fetched for ``index`` (see :meth:`_read_then_load`), else read."""
+        got = self._read_ahead.pop(index, None)
+        if got is None:
+            return read_file(path, max_pixels=self.max_pixels)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def _read_then_load(self, index: int, path: str) -> Future[Loaded]:
+        """Reader thread: read the file, then queue its :meth:`_load` on the loader pool; returns that future."""
+        try:
+            self._read_ahead[index] = read_file(path, max_pixels=self.max_pixels)
+        except Exception as e:  # re-raised by _read inside _load, which reports it as for a direct read
+            self._read_ahead[index] = e
+        return self._pool.submit(self._load, index, path)
 
     @abstractmethod
     def _decode(self, items: list[Loaded]) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, str, str]]]:
         """Decode probed items: ``([(index, (H, W, 3) uint8 on self.device)], failures)``."""
 
     # -- batching --
+    # Whether the next group's decode is started before the current batch is handed out (see ``_start``).
+    overlap = False
+
+    def _start(self, items: list[Loaded]):
+        """Start decoding ``items`` in the background; returns a handle for :meth:`_collect`. Default: nothing."""
+        return None
+
+    def _collect(self, items: list[Loaded], handle):
+        """The result of :meth:`_decode` for ``items`` whose decode :meth:`_start` started. Default: decode now."""
+        return self._decode(items)
+
     def batches(self, items: Iterable[tuple[int, str | os.PathLike]]) -> Iterator[DecodedBatch]:
-        """Decode ``(global index, path)`` items in order; see the class docstring for how batches are formed."""
+        """Decode ``(global index, path)`` items in order; see the class docstring for how batches are formed.
+
+        With ``overlap`` (DALI), the decode of batch N+1 is started before batch N is yielded, so the device
+        decodes it while the caller detects batch N; the loader pool then reads one more chunk ahead.
+        """
+        groups = self._groups(items)
+        if not self.overlap:
+            for group, failures in groups:
+                yield self._complete(group, failures, self._decode(group) if group else ([], []))
+            return
+        cur = next(groups, None)
+        handle = self._start(cur[0]) if cur is not None and cur[0] else None
+        while cur is not None:
+            result = self._collect(cur[0], handle) if cur[0] else ([], [])
+            nxt = next(groups, None)
+            handle = self._start(nxt[0]) if nxt is not None and nxt[0] else None  # decodes while N is used
+            yield self._complete(*cur, result)
+            cur = nxt
+
+    def _groups(self, items: Iterable[tuple[int, str | os.PathLike]]) -> Iterator[tuple[list[Loaded], list]]:
+        """Loaded items in decode groups (chunks split by pixel budget), each with the failures to report first."""
         it = iter(items)
-        pending: deque[list[Future[Loaded]]] = deque()
+        pending: deque[list[Future[Future[Loaded]]]] = deque()
         exhausted = False
+        ahead = self.prefetch + (1 if self.overlap else 0)
         while True:
-            while not exhausted and len(pending) <= self.prefetch:
+            while not exhausted and len(pending) <= ahead:
                 chunk = list(islice(it, self.batch_size))
                 if not chunk:
                     exhausted = True
                     break
-                pending.append([self._pool.submit(self._load, int(i), p) for i, p in chunk])
+                pending.append([self._readers.submit(self._read_then_load, int(i), p) for i, p in chunk])
             if not pending:
                 return
-            loaded = [f.result() for f in pending.popleft()]
-            yield from self._finish(loaded)
+            loaded = [f.result().result() for f in pending.popleft()]
+            failures = [(x.index, x.path, x.reason) for x in loaded if x.reason is not None]
+            good = [x for x in loaded if x.reason is None]
+            for group in _split_by_pixels(good, self.max_batch_pixels) or [[]]:
+                yield group, failures
+                failures = []
 
-    def _finish(self, loaded: list[Loaded]) -> Iterator[DecodedBatch]:
-        failures = [(x.index, x.path, x.reason) for x in loaded if x.reason is not None]
-        good = [x for x in loaded if x.reason is None]
-        groups = _split_by_pixels(good, self.max_batch_pixels) or [[]]
-        for group in groups:
-            decoded, failed = self._decode(group) if group else ([], [])
-            for x in group:  # the encoded bytes are not needed any more
-                x.data = None
-            decoded.sort(key=lambda t: t[0])
-            failures.extend(failed)
-            failures.sort()
-            yield DecodedBatch([i for i, _ in decoded], [t for _, t in decoded], failures)
-            failures = []
+    @staticmethod
+    def _complete(group: list[Loaded], failures: list, result) -> DecodedBatch:
+        decoded, failed = result
+        for x in group:  # the encoded bytes are not needed any more
+            x.data = None
+        decoded.sort(key=lambda t: t[0])
+        failures = sorted([*failures, *failed])
+        return DecodedBatch([i for i, _ in decoded], [t for _, t in decoded], failures)
 
     def decode_paths(self, paths: Sequence[str | os.PathLike]) -> DecodedBatch:
         """Convenience: decode a few files into one batch (indices are positions in ``paths``)."""
@@ -424,7 +483,9 @@ class Decoder(ABC):
         return out
 
     def close(self) -> None:
+        self._readers.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._read_ahead.clear()
 
     def __enter__(self) -> Decoder:
         return self
@@ -490,7 +551,8 @@ def make_decoder(
       - ``"dali"``: DALI; the "mixed" decoder for a CUDA ``device``, the "cpu" decoder for ``device="cpu"``.
       - ``"cpu"``: the CPU thread pool; images are moved to ``device`` after decoding.
     ``threads``: decoding threads (default: the usable cores). ``max_pixels``: larger images are rejected
-    ("too large") from their header, before decoding. ``options``: ``max_batch_pixels``, ``prefetch``, and for
+    ("too large") from their header, before decoding. ``options``: ``max_batch_pixels``, ``prefetch``,
+    ``reader_threads`` (file-reading threads, default :data:`READER_THREADS`; I/O bound), and for
     DALI ``hw_decoder_load``, ``preallocate_width_hint``, ``preallocate_height_hint``, ``check_jpeg``.
     Raises :class:`UserError` for an unknown kind, a CUDA device without CUDA, or ``kind="dali"`` without a
     working DALI; with ``"auto"`` a DALI that fails to start (e.g. built for another CUDA) falls back to the CPU

@@ -121,14 +121,45 @@ class DaliDecoder(Decoder):
 
     def _run(self, items: list[Loaded]) -> list[tuple[int, torch.Tensor]]:
         """One pipeline run over ``items``: [(index, (H, W, 3) uint8 on self.device)]; raises on a DALI error."""
+        self._feed(items)
+        return self._outputs(*self._pipe.run())
+
+    def _feed(self, items: list[Loaded]) -> None:
         self._pipe.feed_input("encoded", [np.frombuffer(x.data, dtype=np.uint8) for x in items])
         self._pipe.feed_input("labels", [np.array([x.index], dtype=np.int64) for x in items])
-        images, labels = self._pipe.run()
+
+    def _outputs(self, images, labels) -> list[tuple[int, torch.Tensor]]:
         indices = labels.as_array().reshape(-1).tolist()
         # torch.from_dlpack passes torch's current stream; DALI inserts the wait for its decode on that stream
         ctx = torch.cuda.device(self.device_id) if self.mixed else contextlib.nullcontext()
         with ctx:
-            return [(int(indices[k]), torch.from_dlpack(images[k])) for k in range(len(items))]
+            return [(int(indices[k]), torch.from_dlpack(images[k])) for k in range(len(indices))]
+
+    # Prefetch: the next batch's run is scheduled before the current batch is handed out (``Decoder.batches``), so
+    # DALI decodes it while the caller detects the current one. One run in flight at a time (prefetch queue depth
+    # 1); with ``exec_dynamic`` the handed-out outputs stay valid while the next run writes its own.
+    overlap = True
+
+    def _start(self, items: list[Loaded]) -> bool:
+        try:
+            self._feed(items)
+            self._pipe.schedule_run()
+        except (RuntimeError, MemoryError):
+            return False  # _collect decodes it the synchronous way
+        return True
+
+    def _collect(self, items: list[Loaded], started: bool):
+        if started:
+            try:
+                return self._outputs(*self._pipe.outputs()), []
+            except (RuntimeError, MemoryError):
+                pass
+            # (outside the except block, so the failed pipeline's frames are gone) a failed run leaves the pipeline
+            # unusable: rebuild it, then the synchronous path retries the batch and bisects it (out of memory, bad
+            # files) exactly as for a failed run()
+            self.rebuilds += 1
+            self._build()
+        return self._decode(items)
 
     def _release(self) -> None:
         """Shut the current pipeline down now (its worker threads stop), not when the last reference goes.
