@@ -52,7 +52,8 @@ class CascadeDetector:
     :class:`gpu_align.detect.FaceDetector`.
 
     Args:
-        device, dtype, channels_last: for O-Net (its internal :class:`gpu_align.mtcnn.MTCNN`).
+        device, dtype, channels_last: for its internal :class:`gpu_align.mtcnn.MTCNN` (O-Net itself always runs in
+            float32: its landmarks are the output).
         scale_factor, step_ratio, min_neighbor_number, intersection_score_threshold: of skimage's
             ``Cascade.detect_multi_scale`` (window growth per scale, scan step in windows, detections needed to
             accept a group, overlap that merges two detections).
