@@ -386,7 +386,7 @@ class _PackerProcess:
             config=_input_config(opts, source, fingerprint),
             companions=(INPUTS_NAME,),
         )
-        threads = 2 if (os.cpu_count() or 1) > 2 else 1
+        threads = min(8, max(1, (os.cpu_count() or 1) // 2))  # JPEG encode threads: half the cores, at most 8
         self.proc = ctx.Process(
             target=packer_main,
             args=(self.inbox, self.outbox, writer_args, opts.quality, opts.save_crops, threads, os.getpid(), self.stop),

@@ -1,9 +1,10 @@
 """The packer process of ``gpu-align run``: aligned crops in, JPEG-encoded RecordIO dataset out.
 
 The aligner (main process) sends :class:`CropBatch` messages through a bounded ``multiprocessing`` queue; this
-process encodes the crops as JPEG (OpenCV, on a small thread pool: ``cv2.imencode`` releases the GIL) and feeds
-them, in input order, to :class:`packer.layout.DatasetWriter`. The queue's bound is the back-pressure: when
-encoding or the disk falls behind, the aligner blocks on ``put`` instead of piling crops up in memory.
+process encodes the crops as JPEG (OpenCV, on a thread pool: ``cv2.imencode`` releases the GIL) and feeds them, in
+input order, to :class:`packer.layout.DatasetWriter`; batch N+1 is encoded while batch N is written. The queue's
+bound is the back-pressure: when encoding or the disk falls behind, the aligner blocks on ``put`` instead of
+piling crops up in memory.
 
 Protocol (main → packer, on ``inbox``): ``("batch", CropBatch)`` …, then ``("end", extra)`` to finish the dataset
 (``extra``: JSON-able run details for ``report.json``) or ``("abort", None)`` to stop and keep it resumable.
@@ -18,7 +19,7 @@ import os
 import queue
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ def packer_main(
     outbox.put(("ready", writer.done))
     crops_root = Path(save_crops) if save_crops else None
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="encode")
+    pending = None  # (batch, its encode futures): encoded while the next batch arrives, then written
     try:
         while True:
             t0 = time.perf_counter()
@@ -152,12 +154,18 @@ def packer_main(
                 if not _parent_alive(parent_pid):  # the aligner died (kill -9): keep what is committed
                     writer.abort()
                     return
+                if pending is not None:  # nothing new to encode meanwhile: write what is encoded
+                    _write_batch(writer, *pending, crops_root, stats, stop)
+                    pending = None
                 continue
             finally:
                 stats.wait_s += time.perf_counter() - t0
             if kind == "abort" or (stop is not None and stop.is_set() and kind == "batch"):
                 raise _Stopped
             if kind == "end":
+                if pending is not None:  # the last batch's crops are encoded: write them
+                    _write_batch(writer, *pending, crops_root, stats, stop)
+                    pending = None
                 extra = dict(payload or {})
                 extra["packer"] = {k: round(v, 3) for k, v in vars(stats).items() if k.endswith("_s")}
                 extra["packer"]["peak_rss_mb"] = peak_rss_mb()
@@ -167,7 +175,12 @@ def packer_main(
                 stats.summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}
                 outbox.put(("done", vars(stats)))
                 return
-            _pack_batch(writer, payload, quality, crops_root, pool, stats, stop)
+            # Encode this batch on the pool while the previous one (encoded already) is written: the disk and the
+            # encoder threads overlap instead of taking turns.
+            encoding = (payload, _encode_batch(payload, quality, pool))
+            if pending is not None:
+                _write_batch(writer, *pending, crops_root, stats, stop)
+            pending = encoding
     except _Stopped:
         writer.abort()
         outbox.put(("aborted", writer.done))
@@ -182,17 +195,22 @@ def packer_main(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _pack_batch(
+def _encode_batch(batch: CropBatch, quality: int, pool: ThreadPoolExecutor) -> list[Future[bytes]]:
+    """Start the JPEG encode of every crop of ``batch`` on ``pool``: one future per crop row."""
+    return [pool.submit(encode_jpeg, c, quality) for c in batch.crops]
+
+
+def _write_batch(
     writer: DatasetWriter,
     batch: CropBatch,
-    quality: int,
+    encoded: list[Future[bytes]],
     crops_root: Path | None,
-    pool: ThreadPoolExecutor,
     stats: PackerStats,
     stop: Any = None,
 ) -> None:
+    """Write ``batch``'s items in input order, waiting for their encodes (``stats.encode_s``: the wait only)."""
     t0 = time.perf_counter()
-    bodies = list(pool.map(lambda c: encode_jpeg(c, quality), batch.crops))
+    bodies = [f.result() for f in encoded]
     stats.encode_s += time.perf_counter() - t0
     stats.crops += len(bodies)
     t0 = time.perf_counter()
