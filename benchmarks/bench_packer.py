@@ -181,11 +181,62 @@ def run(args) -> tuple[list[tuple[str, Timing, str]], dict]:
             t_crc = best_of(lambda: [crcfile.entry(r) for r in encoded], args.repeat)
             mib = sum(map(len, encoded)) / t_crc.wall / 2**20
             rows.append(("crcfile.entry (zlib.crc32) alone", t_crc, f"{mib:,.0f} MiB/s"))
+            rows += packer_loop_rows(jpegs, labels, work, args.repeat)
         sizes = np.array([len(j) for j in jpegs]) / 1000
         info = {"n": n, "kb": (sizes.mean(), *np.percentile(sizes, [5, 95]))}
         return rows, info
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def packer_loop_rows(jpegs: list[bytes], labels, work: Path, repeat: int) -> list[tuple[str, Timing, str]]:
+    """The packer process's loop (``packer.process``: JPEG encode q95 on a thread pool + DatasetWriter) on raw
+    crops in batches of 256, with the encode of batch N+1 overlapping the write of batch N or not, for several
+    encode thread counts. Timings are scaled to the whole record count, so records/s compare with the rows above."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from packer import layout, process
+
+    crops = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1].copy() for j in jpegs[:5000]]
+    batches = []
+    for lo in range(0, len(crops), 256):
+        part = crops[lo : lo + 256]
+        metas = [
+            process.ItemMeta(index=lo + k, group=f"id{labels[lo + k]:05d}", source=f"{lo + k}.jpg", row=k)
+            for k in range(len(part))
+        ]
+        batches.append(process.CropBatch(metas, np.stack(part)))
+    scale = len(jpegs) / len(crops)
+
+    def loop(threads: int, overlap: bool):
+        def fn():
+            out = work / "packer_loop"
+            shutil.rmtree(out, ignore_errors=True)
+            stats = process.PackerStats()
+            with ThreadPoolExecutor(threads) as pool, layout.DatasetWriter(out, layout="insightface") as w:
+                pending = None
+                for b in batches:
+                    enc = (b, process._encode_batch(b, 95, pool))
+                    if not overlap:
+                        process._write_batch(w, *enc, None, stats)
+                        continue
+                    if pending is not None:
+                        process._write_batch(w, *pending, None, stats)
+                    pending = enc
+                if pending is not None:
+                    process._write_batch(w, *pending, None, stats)
+
+        t = best_of(fn, repeat)
+        return Timing(t.wall * scale, t.cpu * scale)
+
+    default = min(8, max(1, (os.cpu_count() or 1) // 2))  # gpu_align.pipeline's packer threads
+    before = 2 if (os.cpu_count() or 1) > 2 else 1  # the packer's threads before (any machine: 1 or 2)
+    rows = [(f"packer loop (encode + write), {before} encode threads, no overlap (before)", loop(before, False), "")]
+    for threads in sorted({1, 2, default}):
+        note = "default here" if threads == default else ""
+        rows.append((f"packer loop, {threads} encode threads, encode N+1 ‖ write N", loop(threads, True), note))
+    return rows
 
 
 def table(rows, info) -> str:
