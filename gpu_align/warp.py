@@ -11,8 +11,8 @@ Conventions (the same as OpenCV and InsightFace):
   are bit-identical to OpenCV's on almost every pixel; older OpenCV versions quantise coordinates to 1/32 pixel
   and differ by ±1-2 grey levels.
 
-Everything runs on the device of its inputs (CPU or CUDA); there are no per-face Python loops except the slicing
-of one crop per face (see :func:`warp_faces`).
+Everything runs on the device of its inputs (CPU or CUDA). On CUDA there are no per-face Python loops; the CPU
+path copies one crop per face (see :func:`warp_faces`).
 """
 
 from __future__ import annotations
@@ -175,8 +175,10 @@ def warp_faces(
         M: ``(F, 2, 3)`` src->crop affines (float, e.g. from :func:`estimate_similarity`), any device; rows with
             NaN/inf or a singular matrix give black crops.
         size: output side ``S``.
-        max_samples_per_chunk: bound on output pixels processed at once (memory); default 2**20 on CPU (fits
+        max_samples_per_chunk: bound on output pixels processed at once (memory); default 2**18 on CPU (fits
             the caches better) and 2**24 on CUDA.
+        tuning: ``"cuda"`` takes the CUDA path (and its default chunk) on any device, as ``MTCNN(tuning="cuda")``
+            does for the detector: CI runs it on CPU. Both paths give identical crops.
 
     Returns:
         ``(F, S, S, C)`` uint8 on the images' device, equal to ``cv2.warpAffine(img, M[f], (S, S),
@@ -184,19 +186,23 @@ def warp_faces(
         up to float rounding ties).
 
     How: per face, the source region that the ``S × S`` output samples from is bounded (the output grid is
-    mapped back with the inverse affine, computed in closed form), and only that crop is copied, with a 2-pixel
-    zero border, into one flat buffer shared by all faces; the crop's origin is subtracted from the inverse
-    affine's translation. Bilinear sampling is then a vectorised gather of the four neighbours of every output
-    pixel of every face from that buffer. Samples outside the image clamp into the zero border, which gives
-    OpenCV's ``BORDER_CONSTANT`` semantics (a partly outside neighbourhood blends with black).
+    mapped back with the inverse affine, computed in closed form) and clipped to the image, and the region's
+    origin is subtracted from the inverse affine's translation (exact), so every sample's coordinates and weights
+    are computed relative to it. Bilinear sampling is then a vectorised gather of the four neighbours of every
+    output pixel of every face; a neighbour outside the region (hence outside the image) reads black, OpenCV's
+    ``BORDER_CONSTANT`` (a partly outside neighbourhood blends with black). Where the pixels come from:
+
+    - CUDA path: all images of the batch concatenated into one buffer of 4-byte pixels; a mask zeroes the outside
+      neighbours. A fixed number of ops per call, no host sync, one host→device transfer (sizes and indices).
+    - CPU path: each face's region copied, with a 2-pixel zero border, into one buffer of crops (one slice and
+      copy per face after one bounds transfer); the border supplies the outside neighbours. On CPU this is ~2×
+      faster than padding whole images to 4 bytes per pixel.
 
     Why a flat buffer and not ``grid_sample`` on a padded batch of crops: crops of one batch differ wildly in
     size (a 30 px face next to an 800 px one), so a padded ``(F, C, Hmax, Wmax)`` float batch wastes memory and
-    time quadratically in the largest face, while the flat buffer holds exactly the crops' pixels, in uint8, and
-    the gather touches only 4·S² pixels per face. It also reproduces OpenCV's float arithmetic exactly, which
-    ``grid_sample`` (whose coordinates go through the [-1, 1] normalisation) does not. The only per-face Python
-    is the crop slicing/copy (one device copy per face, needed to avoid copying whole images); the bounds come to
-    the host in one transfer per call.
+    time quadratically in the largest face, while the flat buffer holds only pixels (the images' or the
+    regions'), in uint8, and the gather touches only 4·S² pixels per face. It also reproduces OpenCV's float
+    arithmetic exactly, which ``grid_sample`` (whose coordinates go through the [-1, 1] normalisation) does not.
     """
     imgs = _as_image_list(images)
     if not imgs:
