@@ -350,10 +350,12 @@ def cmd_device_ops(a) -> int:
         _sync(device)
     res["seconds_profiled"] = round(time.perf_counter() - t0, 3)
     if device.type == "cuda":
-        kernels = sum(
-            e.count for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+        cuda = torch.autograd.DeviceType.CUDA
+        kernels = sum(1 for e in prof.events() if getattr(e, "device_type", None) == cuda) or sum(
+            e.count for e in prof.key_averages() if getattr(e, "device_type", None) == cuda
         )
-        res["cuda_kernels_per_photo"] = round(kernels / len(images), 1)
+        # 0 would mean the profiler recorded no device activity (CUPTI unavailable), not a free align()
+        res["cuda_kernels_per_photo"] = round(kernels / len(images), 1) if kernels else None
     if count_device_ops is not None:
         res["aten_ops_per_photo"] = round(sum(count_device_ops(prof).values()) / len(images), 1)
         res["host_syncs_per_batch"] = sum(counter.syncs.values())

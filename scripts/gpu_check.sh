@@ -115,7 +115,7 @@ step() {
   fi
   say "== $name (cap ${cap} s): $*"
   # `timeout` runs programs, not shell functions: a function runs in a child bash (functions exported below)
-  if declare -F "$1" >/dev/null; then set -- bash -c '"$@"' _ "$@"; fi
+  if declare -F "$1" >/dev/null; then set -- bash -c 'set -euo pipefail; "$@"' _ "$@"; fi
   t0=$(date +%s.%N)
   set +e
   timeout -k 10 "$cap" "$@" >"$work/logs/$name.log" 2>&1
@@ -160,8 +160,13 @@ if sys.argv[1] == "gpu":
         sys.exit("torch has CUDA but sees no GPU (driver too old for CUDA %s? CUDA_VISIBLE_DEVICES?)" % torch.version.cuda)
     print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 PY
-  if [ "$1" = gpu ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; fi
+  if [ "$1" = gpu ]; then
+    command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found: no NVIDIA driver tools on this machine"; return 1; }
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  fi
 }
+# functions run by `step` live in child shells: they see exported variables (arrays as space-joined strings)
+export py work root NODEPS="${nodeps[*]}" DALI12="${dali12[*]}" DALI13="${dali13[*]}"
 export -f env_check
 step env 60 hard env_check $mode
 
@@ -179,12 +184,13 @@ pip_install() {  # from ./.whl when it has them (no network on the device), else
   local torch_pin
   torch_pin=$(mktemp)
   "$py" -c 'import torch; print("torch==" + torch.__version__)' >"$torch_pin"  # a constraint: torch stays as is
-  if [ -d .whl ] && "$py" -m pip install -q --disable-pip-version-check --no-index --find-links .whl \
-      -c "$torch_pin" "$@"; then
-    rm -f "$torch_pin"; return 0
+  if [ -d .whl ]; then
+    if "$py" -m pip install -q --disable-pip-version-check --no-index --find-links .whl -c "$torch_pin" "$@" ||
+      "$py" -m pip install -q --disable-pip-version-check --no-index --find-links .whl --target "$work/site" "$@"
+    then rm -f "$torch_pin"; return 0; fi  # the second: an environment we may not write to (on PYTHONPATH)
   fi
-  "$py" -m pip install -q --disable-pip-version-check --retries 1 --timeout 15 -c "$torch_pin" "$@"
-  local rc=$?
+  local rc=0
+  "$py" -m pip install -q --disable-pip-version-check --retries 1 --timeout 15 -c "$torch_pin" "$@" || rc=$?
   rm -f "$torch_pin"
   return $rc
 }
@@ -204,8 +210,8 @@ install_missing() {
   [ -z "$need" ] || { echo "installing --no-deps:$need"; pip_install --no-deps $need; }
   echo "python packages: ok"
 }
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's gpu_align/packer, installed or not
-export py NODEPS="${nodeps[*]}" DALI12="${dali12[*]}" DALI13="${dali13[*]}"
+# this checkout's gpu_align/packer, installed or not; work/site: wheels installed with --target
+export PYTHONPATH="$root:$work/site${PYTHONPATH:+:$PYTHONPATH}"
 export -f missing pip_install install_missing
 step install 120 hard install_missing
 
@@ -278,7 +284,6 @@ if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null || true; wait "$sampler" 
 [ -f "$work/gpu/report.json" ] && cp "$work/gpu/report.json" "$out/report_gpu.json"
 
 verify_run() { "$py" -m gpu_align verify "$work/gpu" --json -q >"$work/verify.json"; }
-export work
 export -f verify_run
 if [ -f "$work/gpu/train.rec" ]; then step verify 90 soft verify_run; else skip verify "no main run output"; fi
 
