@@ -241,22 +241,12 @@ fi
 decoder=cpu
 [ $dali = 1 ] && decoder=dali
 
-# ---- 2. tests that need a GPU or DALI
-if [ $mode = dry ]; then
-  skip tests "no GPU"
-else
-  tflags=()
-  "$py" -c 'import pytest_timeout' 2>/dev/null && tflags=(--timeout 60)  # one hung test fails, not the step
-  step tests $([ $quick = 1 ] && echo 90 || echo 150) soft \
-    "$py" -m pytest -q -m "cuda or dali" -p no:cacheprovider --maxfail 5 ${tflags[@]+"${tflags[@]}"}
-fi
-
-# ---- 3. dataset: demo photos rendered with all cores, hard-linked up to the size asked for
+# ---- 2. dataset: demo photos rendered with all cores, hard-linked up to the size asked for
 gc=("$py" -m benchmarks.gpu_check)
 step dataset $([ $quick = 1 ] && echo 60 || echo 120) hard \
   "${gc[@]}" dataset --work "$work" --n "$photos" --distinct "$distinct" --subset "$subset"
 
-# ---- 4. the same photos on the device and on the CPU: found set, landmarks and crops must agree
+# ---- 3. the same photos on the device and on the CPU: found set, landmarks and crops must agree
 run=("$py" -m gpu_align run -q --overwrite)
 step gpu-subset 90 soft "${run[@]}" "$work/subset" --out "$work/gpu500" --device $dev --decoder $decoder \
   --save-crops "$work/gpu500-crops"
@@ -264,7 +254,7 @@ step cpu-subset $([ $quick = 1 ] && echo 90 || echo 150) soft "${run[@]}" "$work
   --device cpu --decoder cpu --save-crops "$work/cpu500-crops"
 step compare 60 soft "${gc[@]}" compare --work "$work"
 
-# ---- 5. the main run, timed, with GPU memory and utilisation sampled from outside the process
+# ---- 4. the main run, timed, with GPU memory and utilisation sampled from outside the process
 main_cap=$([ $quick = 1 ] && echo 90 || echo 180)
 left=$((deadline - $(date +%s) - 120))  # what verify, the probes and the summary still need after it
 [ "$main_cap" -le "$left" ] || main_cap=$((left > 30 ? left : 30))
@@ -287,13 +277,23 @@ verify_run() { "$py" -m gpu_align verify "$work/gpu" --json -q >"$work/verify.js
 export -f verify_run
 if [ -f "$work/gpu/train.rec" ]; then step verify 90 soft verify_run; else skip verify "no main run output"; fi
 
-# ---- 6. probes: decode alone, and kernels / host syncs of one align()
+# ---- 5. probes: decode alone, and kernels / host syncs of one align()
 if [ $mode = dry ]; then
   step decode-rate 30 soft "${gc[@]}" decode-rate --work "$work" --device cpu --kinds cpu --n 60 --batch 32 --repeat 1
   skip device-ops "no GPU (python -m benchmarks.bench_launches counts them on CPU)"
 else
   step decode-rate 90 soft "${gc[@]}" decode-rate --work "$work" --device cuda --kinds "$([ $dali = 1 ] && echo dali,)cpu"
   step device-ops 90 soft "${gc[@]}" device-ops --work "$work" --device cuda --batch 256
+fi
+
+# ---- 6. tests that need a GPU or DALI: last, so a slow suite cannot take the measurements' time
+if [ $mode = dry ]; then
+  skip tests "no GPU"
+else
+  tflags=()
+  "$py" -c 'import pytest_timeout' 2>/dev/null && tflags=(--timeout 60)  # one hung test fails, not the step
+  step tests $([ $quick = 1 ] && echo 60 || echo 150) soft \
+    "$py" -m pytest -q -m "cuda or dali" -p no:cacheprovider --maxfail 5 ${tflags[@]+"${tflags[@]}"}
 fi
 
 # ---- 7. one summary, the RESULTS.md section, a copy of every log in $out
