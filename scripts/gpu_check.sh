@@ -86,10 +86,10 @@ finish() {
   rc=$?
   [ -z "$sampler" ] || kill "$sampler" 2>/dev/null || true
   if [ $rc != 0 ] && [ $rc != 3 ]; then
-    echo "gpu_check.sh: STOPPED in step '$current' (exit $rc) after $(($(date +%s) - t_start)) s;" \
-      "logs: $log, work folder: $work" | tee -a "$log" >&2
+    echo "gpu_check.sh: STOPPED in step '$current' (exit $rc) after $(($(date +%s) - t_start)) s; every step's" \
+      "log is in $log" | tee -a "$log" >&2
   fi
-  if [ $keep = 0 ] && [ -z "${GPU_CHECK_WORK:-}" ]; then rm -rf "$work"; fi
+  if [ $keep = 0 ] && [ -z "${GPU_CHECK_WORK:-}" ]; then rm -rf "$work"; fi  # ours (mktemp), and up to ~1 GB
 }
 trap finish EXIT
 trap 'echo "gpu_check.sh: error at line $LINENO in step $current: $BASH_COMMAND" >&2' ERR
@@ -300,6 +300,7 @@ fi
 current=summary
 "${gc[@]}" summary --work "$work" --out "$out" --mode $mode --command "$command" --results "$results" 2>&1 | tee -a "$log"
 say "total: $(($(date +%s) - t_start)) s of ${budget} s; logs and summary in $out"
+current="end (failed: ${failed[*]:-none})"
 if [ ${#failed[@]} -gt 0 ]; then
   say "gpu_check.sh: FAILED steps: ${failed[*]} (their logs are in $log)"
   exit 1
