@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 from abc import ABC, abstractmethod
 from collections import deque
@@ -374,6 +375,11 @@ class Decoder(ABC):
         # cores (page-cache files: ~20 % fewer files/s in bench_decode); reader_threads <= threads skips it.
         self.reader_threads = max(1, READER_THREADS if reader_threads is None else reader_threads)
         self._readers = ThreadPoolExecutor(self.reader_threads, thread_name_prefix="read")
+        if self.reader_threads > self._loader_threads():  # start them all now: a steady thread count from here on
+            ready = threading.Barrier(self.reader_threads + 1)
+            for _ in range(self.reader_threads):
+                self._readers.submit(ready.wait)
+            ready.wait()
         self._pool = ThreadPoolExecutor(self._loader_threads(), thread_name_prefix="decode")
         self._read_ahead: dict[int, bytes | Exception] = {}  # index -> bytes read by a reader thread
 
