@@ -123,3 +123,36 @@ def test_host_syncs_do_not_grow_with_the_batch_and_ops_per_photo_stay_small(smal
     assert syncs[1] <= 45 and copies[1] <= 12, (large["syncs"], large["h2d"])
     ops_per_photo = sum(large["ops"].values()) / len(small_photos)
     assert ops_per_photo < 60, large["ops"].most_common(10)  # ~7 per photo at batch 256 (bench_launches)
+
+
+def test_dali_schedules_the_next_batch_before_handing_out_the_current_one(tmp_path, load_photo):
+    from gpu_align.decode import dali_available
+
+    if not dali_available():
+        pytest.skip("NVIDIA DALI not installed")
+    from gpu_align.decode_dali import DaliDecoder
+
+    events = []
+
+    class Logged(DaliDecoder):
+        def _start(self, items):
+            events.append(("start", items[0].index))
+            return super()._start(items)
+
+        def _collect(self, items, started):
+            events.append(("collect", items[0].index))
+            return super()._collect(items, started)
+
+    img = load_photo("astronaut")
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.jpg")
+        cv2.imwrite(str(paths[-1]), np.ascontiguousarray(img[i : i + 200, i : i + 180, ::-1]))
+    with Logged(device="cpu", threads=2, batch_size=4) as dec:
+        assert dec.overlap and dec.reader_threads == 16
+        for batch in dec.batches(enumerate(paths)):
+            events.append(("yield", batch.indices[0]))
+            assert len(batch.indices) == 4 and not batch.failures
+    # batch N+1 is scheduled after N's outputs are collected and before N is handed out
+    assert events == [("start", 0), ("collect", 0), ("start", 4), ("yield", 0), ("collect", 4), ("start", 8),
+                      ("yield", 4), ("collect", 8), ("yield", 8)]  # fmt: skip
