@@ -235,6 +235,14 @@ def _repair(rec: Path, damages: list[Damage], size: int, notes: list[str]) -> li
             pos = d.end
         dst.flush()
         os.fsync(dst.fileno())
+    _replace_keeping_original(rec, tmp, bak)
+    kept.append(bak)
+    notes.append(f"rewrote {rec.name} without the damaged bytes; the original is kept as {bak.name}")
+    return kept
+
+
+def _replace_keeping_original(rec: Path, tmp: Path, bak: Path) -> None:
+    """Put the rewritten ``tmp`` in place of ``rec``, keeping the original as ``bak`` (a hard link where possible)."""
     if bak.exists():
         bak.unlink()
     try:
@@ -243,9 +251,6 @@ def _repair(rec: Path, damages: list[Damage], size: int, notes: list[str]) -> li
         shutil.copy2(rec, bak)
     os.replace(tmp, rec)
     _fsync_dir(rec.parent)
-    kept.append(bak)
-    notes.append(f"rewrote {rec.name} without the damaged bytes; the original is kept as {bak.name}")
-    return kept
 
 
 def _write_idx(idx: Path, keys: list[int], offsets: list[int]) -> Path | None:
@@ -438,14 +443,7 @@ def _rebuild_classic(
                 dst.write(data)
             dst.flush()
             os.fsync(dst.fileno())
-        if bak.exists():
-            bak.unlink()
-        try:
-            os.link(rec, bak)
-        except OSError:
-            shutil.copy2(rec, bak)
-        os.replace(tmp, rec)
-        _fsync_dir(rec.parent)
+        _replace_keeping_original(rec, tmp, bak)
         kept.append(bak)
         notes.append(f"rewrote {rec.name} from its {n} surviving image records; the original is kept as {bak.name}")
     for (key, _), data in zip(metas, meta_recs, strict=True):
