@@ -24,19 +24,9 @@ from gpu_align.pipeline import RunOptions, run
 from packer import recordio
 from packer.cli import run as cli_run
 from tests.badfiles import huge_gradient_jpeg, make_bad_files
+from tests.photo_files import scaled, write_jpeg
 
 OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
-
-
-def _jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
-    path.write_bytes(buf.tobytes())
-
-
-def _scaled(rgb: np.ndarray, side: int) -> np.ndarray:
-    s = side / max(rgb.shape[:2])
-    return cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +37,16 @@ def dataset(tmp_path_factory) -> Path:
     a = root / "alice"
     a.mkdir()
     for k, side in enumerate((200, 320, 480)):
-        _jpeg(a / f"{k}.jpg", _scaled(astro, side), quality=70 + 10 * k)
+        write_jpeg(a / f"{k}.jpg", scaled(astro, side), quality=70 + 10 * k)
     z = root / "Zoë 日本"  # unicode identity and file names
     z.mkdir()
-    _jpeg(z / "één.jpg", _scaled(hanks, 300))
-    cv2.imwrite(str(z / "twee.png"), _scaled(hanks, 240)[..., ::-1])  # a PNG
+    write_jpeg(z / "één.jpg", scaled(hanks, 300))
+    cv2.imwrite(str(z / "twee.png"), scaled(hanks, 240)[..., ::-1])  # a PNG
     (z / "notes.txt").write_text("not a photo")  # left out by the scan, reported
     g = root / "grey"
     g.mkdir()
     cv2.imwrite(str(g / "camera.jpg"), photos.load_rgb("camera")[..., 0])  # grayscale JPEG
-    (g / "huge.jpg").write_bytes(huge_gradient_jpeg(_scaled(photos.load_rgb("camera"), 3000)))
+    (g / "huge.jpg").write_bytes(huge_gradient_jpeg(scaled(photos.load_rgb("camera"), 3000)))
     bad = make_bad_files(root / "mixed", huge=False)
     # keep the mixed identity small: the decodable ones are all the same astronaut photo
     for name in ("progressive_jpeg", "trailing_bytes_jpeg", "png"):
@@ -64,7 +54,7 @@ def dataset(tmp_path_factory) -> Path:
     n = root / "nobody"
     n.mkdir()
     for name in ("coffee", "chelsea"):
-        _jpeg(n / f"{name}.jpg", _scaled(photos.load_rgb(name), 300))
+        write_jpeg(n / f"{name}.jpg", scaled(photos.load_rgb(name), 300))
     return root
 
 
@@ -338,8 +328,8 @@ def test_multi_face_photos_are_noted_with_the_runner_up(tmp_path):
     (the one train.lst holds) and the runner-up; a scene whose only detections are below the floor is skipped."""
     root = tmp_path / "photos"
     (root / "group").mkdir(parents=True)
-    _jpeg(root / "group" / "t1.jpg", photos.load_rgb("t1"), quality=95)
-    _jpeg(root / "group" / "astronaut.jpg", photos.load_rgb("astronaut"), quality=95)
+    write_jpeg(root / "group" / "t1.jpg", photos.load_rgb("t1"), quality=95)
+    write_jpeg(root / "group" / "astronaut.jpg", photos.load_rgb("astronaut"), quality=95)
     out = tmp_path / "out"
     run(_opts(root, out))
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -361,8 +351,8 @@ def test_cli_face_options_reach_the_run(tmp_path):
     floor and raw landmarks."""
     root = tmp_path / "photos"
     (root / "a").mkdir(parents=True)
-    _jpeg(root / "a" / "astronaut.jpg", photos.load_rgb("astronaut"))
-    _jpeg(root / "a" / "coffee.jpg", photos.load_rgb("coffee"))
+    write_jpeg(root / "a" / "astronaut.jpg", photos.load_rgb("astronaut"))
+    write_jpeg(root / "a" / "coffee.jpg", photos.load_rgb("coffee"))
     base = ["run", str(root), "--device", "cpu", "--decoder", "cpu", "-q"]
     assert gpu_align_cli([*base, "--out", str(tmp_path / "d")]) == 0
     config = json.loads((tmp_path / "d" / "report.json").read_text(encoding="utf-8"))["config"]["input"]

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from gpu_align import photos
@@ -25,21 +24,11 @@ from gpu_align.cli import run as gpu_align_cli
 from gpu_align.pipeline import INPUTS_NAME, RunOptions, _crop_names, run
 from gpu_align.scan import InputItem, scan_source
 from packer import recordio
+from tests.photo_files import scaled, write_jpeg
 
 OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
 EYES_NOSE_MOUTH = (10, 20, 15, 11, 19, 10, 10, 15, 20, 20)  # x1..x5, y1..y5 of a plausible face
 FAST = ["--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
-
-
-def _jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
-    path.write_bytes(buf.tobytes())
-
-
-def _scaled(rgb: np.ndarray, side: int) -> np.ndarray:
-    s = side / max(rgb.shape[:2])
-    return cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path, int]:
     for name, rgb in faces.items():
         (root / name).mkdir()
         for k, side in enumerate((220, 260, 300)):
-            _jpeg(root / name / f"{k}.jpg", _scaled(rgb, side))
+            write_jpeg(root / name / f"{k}.jpg", scaled(rgb, side))
     out = tmp_path_factory.mktemp("ref") / "out"
     res = run(RunOptions(src=str(root), out=str(out), device="cpu", decoder="cpu", batch_size=4, quiet=True))
     assert res.found == 12, res  # every photo has its face: a kill can land between any two identities
@@ -204,7 +193,7 @@ def test_unusable_out_is_refused_before_models_load(tmp_path, capsys):
     refused with advice that fits, before the models load (--fp16 on a CPU would fail there), never '--resume'."""
     root = tmp_path / "photos" / "a"
     root.mkdir(parents=True)
-    _jpeg(root / "0.jpg", _scaled(photos.load_rgb("astronaut"), 200))
+    write_jpeg(root / "0.jpg", scaled(photos.load_rgb("astronaut"), 200))
     a_file = tmp_path / "file"
     a_file.write_text("mine")
     loop = tmp_path / "loop"
@@ -256,11 +245,11 @@ def test_save_crop_names_never_collide(tmp_path):
     (root / "x").mkdir(parents=True)
     (root / "y").mkdir()
     astro, hanks = photos.load_rgb("astronaut"), photos.load_rgb("tom_hanks")
-    _jpeg(root / "x" / "a.jpg", _scaled(astro, 200))
-    _jpeg(root / "x" / "a.JPG", _scaled(hanks, 240))
-    _jpeg(root / "x" / "a.jpeg", _scaled(astro[:, ::-1], 220))
-    cv2.imwrite(str(root / "x" / "b.png"), _scaled(hanks, 200)[..., ::-1])
-    _jpeg(root / "y" / "a.jpg", _scaled(hanks[:, ::-1], 220))
+    write_jpeg(root / "x" / "a.jpg", scaled(astro, 200))
+    write_jpeg(root / "x" / "a.JPG", scaled(hanks, 240))
+    write_jpeg(root / "x" / "a.jpeg", scaled(astro[:, ::-1], 220))
+    cv2.imwrite(str(root / "x" / "b.png"), scaled(hanks, 200)[..., ::-1])
+    write_jpeg(root / "y" / "a.jpg", scaled(hanks[:, ::-1], 220))
     out, crops = tmp_path / "out", tmp_path / "crops"
     assert gpu_align_cli(["run", str(root), "--out", str(out), *FAST, "--save-crops", str(crops)]) == 0
     saved = sorted(str(p.relative_to(crops)) for p in crops.rglob("*") if p.is_file())
