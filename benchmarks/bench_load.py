@@ -100,13 +100,13 @@ STARTUP_PARTS = r"""
 import json, sys, time, tempfile
 t0 = time.perf_counter()
 import torch
-from gpu_align.pipeline import RunOptions, _Aligner, _PackerProcess, StageTimes, resolve_device
+from gpu_align.pipeline import RunOptions, _Aligner, _start_packer, StageTimes, resolve_device
 from gpu_align.scan import scan_source
 t1 = time.perf_counter()
 opts = RunOptions(src=sys.argv[1], out=tempfile.mkdtemp() + "/o", device="cpu", batch_size=32)
 src = scan_source(opts.src, limit=1)
 t2 = time.perf_counter()
-packer = _PackerProcess(opts, src, src.fingerprint())
+packer = _start_packer(opts, src, src.fingerprint())
 packer.ready()
 t3 = time.perf_counter()
 al = _Aligner(opts, torch.device("cpu"), src.items, StageTimes())

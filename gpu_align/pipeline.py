@@ -2,8 +2,8 @@
 
 The main process owns the device: it decodes a batch (DALI on the GPU, or CPU threads), detects faces with the
 batched MTCNN, warps the selected face of every photo in one batched call and copies the ``(F, S, S, 3)`` uint8
-crops to the host. A separate packer process (:mod:`packer.process`) encodes JPEGs and writes the dataset; the
-bounded queue between the two is the back-pressure. Data flows one way; nothing here reaches back upstream.
+crops to the host. A separate packer process (:mod:`packer.channel`) encodes JPEGs and writes the dataset; the bounded
+queue between the two is the back-pressure. Data flows one way; nothing here reaches back upstream.
 
 Determinism and resume: decode batches are cut at multiples of ``batch_size`` of the input list. A resumed run
 restarts at the batch that holds the first unwritten input and drops the inputs already written, so every photo is
@@ -19,16 +19,12 @@ import dataclasses
 import datetime
 import gzip
 import json
-import multiprocessing as mp
 import os
 import platform
-import queue
 import sys
 import tempfile
 import time
-import types
 import zlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,10 +38,11 @@ from gpu_align.decode import DecodedBatch, make_decoder
 from gpu_align.mtcnn import Detections
 from gpu_align.scan import InputItem, Source, scan_source
 from gpu_align.warp import arcface_template, invert_affine, transform_points
+from packer.channel import PackerClient, PackerDied, WriterSettings
 from packer.errors import UserError
 from packer.layout import STATE_NAME
 from packer.lst import LstEntry, landmarks_outside
-from packer.process import CropBatch, ItemMeta, packer_main, peak_rss_mb
+from packer.process import CropBatch, ItemMeta, peak_rss_mb
 from packer.report_html import write_report_html_or_warn
 
 __all__ = ["INPUTS_NAME", "PackerDied", "RunOptions", "RunResult", "run"]
@@ -336,132 +333,24 @@ class _Aligner:
         return CropBatch(ordered, np.ascontiguousarray(crops)), counts
 
 
-def _packer_error(message: str) -> UserError:
-    return UserError(f"{message} — nothing written so far is lost: fix it and rerun with --resume")
-
-
-class PackerDied(UserError):
-    """The packer process ended without a reply (killed, out of memory): what it committed is kept, resumable."""
-
-
-@contextlib.contextmanager
-def _caller_main_hidden() -> Iterator[None]:
-    """While a spawned child starts, let multiprocessing see a ``__main__`` with neither a spec nor a file.
-
-    ``multiprocessing.spawn.get_preparation_data`` (the same in Python 3.4-3.13) records the caller's main module
-    (``init_main_from_name`` / ``init_main_from_path``) and the child re-imports it as ``__mp_main__`` before it
-    unpickles its target: a plain script that calls ``run()`` at top level (no ``if __name__ == "__main__":``)
-    would run its top-level code again in the packer and die in the spawn bootstrap check. The packer's target and
-    arguments come from ``packer`` alone, so the child needs nothing of ``__main__``; an interactive session (no
-    spec, no file) is exactly this case. Only ``Process.start()`` runs inside, on the calling thread.
-    """
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if main is None:
-            sys.modules.pop("__main__", None)
-        else:
-            sys.modules["__main__"] = main
-
-
-class _PackerProcess:
-    """The packer process and its two queues; every wait also watches for its errors and its death."""
-
-    def __init__(self, opts: RunOptions, source: Source, fingerprint: str):
-        ctx = mp.get_context("spawn")  # never fork a process that holds CUDA state
-        self.inbox = ctx.Queue(maxsize=max(1, opts.queue_batches))
-        self.outbox = ctx.Queue()
-        self.stop = ctx.Event()  # set on Ctrl-C: the packer aborts at its next input, queued batches or not
-        writer_args = dict(
-            out_dir=opts.out,
-            layout=opts.layout,
-            label_style=opts.label_style,
-            image_size=opts.image_size,
-            min_images=opts.min_images,
-            shuffle_seed=opts.shuffle,
-            resume=opts.resume,
-            overwrite=opts.overwrite,
-            config=_input_config(opts, source, fingerprint),
-            companions=(INPUTS_NAME,),
-        )
-        threads = min(8, max(1, (os.cpu_count() or 1) // 2))  # JPEG encode threads: half the cores, at most 8
-        self.proc = ctx.Process(
-            target=packer_main,
-            args=(self.inbox, self.outbox, writer_args, opts.quality, opts.save_crops, threads, os.getpid(), self.stop),
-            name="gpu-align-packer",
-            daemon=True,
-        )
-        with _caller_main_hidden():  # the packer never re-imports (or re-runs) the caller's script
-            self.proc.start()
-
-    def _died(self) -> PackerDied:
-        code = self.proc.exitcode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return PackerDied(f"the packer process died ({how})")
-
-    def _reply(self, timeout: float | None = None, opening: bool = False) -> tuple[str, Any]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                kind, payload = self.outbox.get(timeout=0.2)
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    raise self._died() from None
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError from None
-                continue
-            if kind == "error":
-                # The writer's refusal to open DIR (not empty, finished, other settings) has its own advice;
-                # "rerun with --resume" fits only errors after it committed its first state.
-                raise UserError(payload) if opening else _packer_error(payload)
-            return kind, payload
-
-    def ready(self) -> int:
-        kind, done = self._reply(opening=True)
-        assert kind == "ready", kind
-        return int(done)
-
-    def check(self) -> None:
-        """Raise if the packer reported an error or died (non-blocking)."""
-        with contextlib.suppress(queue.Empty):
-            kind, payload = self.outbox.get_nowait()
-            if kind == "error":
-                raise _packer_error(payload)
-        if not self.proc.is_alive():
-            raise self._died()
-
-    def put(self, msg: tuple[str, Any]) -> float:
-        """Send ``msg``, blocking while the queue is full (back-pressure); returns the seconds spent waiting."""
-        t0 = time.perf_counter()
-        while True:
-            try:
-                self.inbox.put(msg, timeout=0.2)
-                return time.perf_counter() - t0
-            except queue.Full:
-                self.check()
-
-    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
-        # Plain JSON types only: unpickling e.g. torch's TorchVersion (a str subclass) would import torch there.
-        self.put(("end", json.loads(json.dumps(extra))))
-        _, stats = self._reply()
-        self.proc.join(timeout=30)
-        return stats
-
-    def abort(self) -> None:
-        """Ask the packer to stop and keep its state resumable; wait for it (briefly)."""
-        self.stop.set()
-        # Batches still buffered for a packer that stopped reading must not block this process's exit.
-        self.inbox.cancel_join_thread()
-        if not self.proc.is_alive():
-            return
-        with contextlib.suppress(Exception):
-            self.inbox.put(("abort", None), timeout=5)
-            self._reply(timeout=60)
-        self.proc.join(timeout=10)
-        if self.proc.is_alive():
-            self.proc.kill()  # it ignores SIGTERM (see packer_main); its state is resumable after any kill
+def _start_packer(opts: RunOptions, source: Source, fingerprint: str) -> PackerClient:
+    """The packer process for ``opts``: its writer settings, JPEG encode and queue bound."""
+    writer = WriterSettings(
+        out_dir=opts.out,
+        layout=opts.layout,
+        label_style=opts.label_style,
+        image_size=opts.image_size,
+        min_images=opts.min_images,
+        shuffle_seed=opts.shuffle,
+        resume=opts.resume,
+        overwrite=opts.overwrite,
+        config=_input_config(opts, source, fingerprint),
+        companions=(INPUTS_NAME,),
+    )
+    threads = min(8, max(1, (os.cpu_count() or 1) // 2))  # JPEG encode threads: half the cores, at most 8
+    return PackerClient(
+        writer, quality=opts.quality, save_crops=opts.save_crops, threads=threads, queue_batches=opts.queue_batches
+    )
 
 
 def _input_config(opts: RunOptions, source: Source, fingerprint: str | None = None) -> dict[str, Any]:
@@ -651,7 +540,7 @@ def _align_all(
     done: int,
     decoder: Any,
     aligner: _Aligner,
-    packer: _PackerProcess,
+    packer: PackerClient,
     times: StageTimes,
     counts: dict[str, int],
 ) -> int:
@@ -673,7 +562,7 @@ def _align_all(
             for k in counts:
                 counts[k] += c[k]
             if msg.items:
-                times.queue_wait += packer.put(("batch", msg))
+                times.queue_wait += packer.send(msg)
                 processed += len(msg.items)
                 bar.update(len(msg.items))
                 bar.set_postfix(
@@ -716,14 +605,14 @@ def run(opts: RunOptions) -> RunResult:
     decoder = make_decoder(opts.decoder, device=device, threads=opts.threads, batch_size=opts.batch_size)
     counts = dict(found=0, center=0, missed=0, failed=0)
     try:
-        packer = _PackerProcess(opts, source, fingerprint)
+        packer = _start_packer(opts, source, fingerprint)
         try:
             done = packer.ready()
             if not known and (out / STATE_NAME).is_file():  # unfinished from here on: keep the per-input detail
                 _write_inputs(out, fingerprint, records)
             processed = _align_all(opts, items, done, decoder, aligner, packer, times, counts)
             extra = _report_extra(opts, device, decoder, source, done, processed, counts, times, t_start)
-            stats = packer.finish(extra)
+            finished = packer.finish(extra)
         except BaseException:  # Ctrl-C included: the packer keeps everything committed, resumable
             packer.abort()
             raise
@@ -733,7 +622,6 @@ def run(opts: RunOptions) -> RunResult:
         with contextlib.suppress(OSError):
             (out / name).unlink()
     write_report_html_or_warn(out)
-    report = _read_json(Path(opts.out) / "report.json")
     return RunResult(
         out_dir=Path(opts.out),
         inputs=len(items),
@@ -744,13 +632,7 @@ def run(opts: RunOptions) -> RunResult:
         failed=counts["failed"],
         seconds=extra["run"]["this_invocation"]["seconds"],  # the report's number: printed and reported agree
         times=times,
-        packer=stats,
-        report=report,
+        packer=finished.stats,
+        report=finished.report,
     )
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}

@@ -177,6 +177,7 @@ class DatasetWriter:
     Attributes:
         done: inputs committed to disk. Right after opening it is what a resumed pack already holds (the caller
             skips that many inputs); it grows at each commit, so after :meth:`abort` it is what a resume will keep.
+        report: the finished ``report.json`` as a dict once :meth:`close` returned (None before).
     """
 
     def __init__(
@@ -254,6 +255,7 @@ class DatasetWriter:
         self._finished_report: dict | None = None
         self._broken = False  # a write failed part-way: the in-memory sizes no longer match the files
         self._closed = False
+        self.report: dict[str, Any] | None = None  # the finished report.json, once closed
         self._last_commit = time.monotonic()
         self.done = 0
         self._lock_fd: int | None = None
@@ -587,7 +589,7 @@ class DatasetWriter:
             self._rename_outputs()
         self._closed = True
         self._unlock()
-        report = json.loads((self.out_dir / REPORT_NAME).read_bytes())
+        report = self.report = json.loads((self.out_dir / REPORT_NAME).read_bytes())
         counts = report["counts"]
         return WriteSummary(
             out_dir=self.out_dir,

@@ -6,18 +6,14 @@ input order, to :class:`packer.layout.DatasetWriter`; batch N+1 is encoded while
 bound is the back-pressure: when encoding or the disk falls behind, the aligner blocks on ``put`` instead of
 piling crops up in memory.
 
-Protocol (main → packer, on ``inbox``): ``("batch", CropBatch)`` …, then ``("end", extra)`` to finish the dataset
-(``extra``: JSON-able run details for ``report.json``) or ``("abort", None)`` to stop and keep it resumable.
-Replies (packer → main, on ``outbox``): ``("ready", done)`` once the writer is open (``done`` = inputs already
-written, for ``--resume``), then ``("done", stats)``, ``("aborted", done)`` or ``("error", message)``.
+The messages, the settings, the process entry (:func:`packer.channel.packer_main`, re-exported here) and the
+main process's end: :mod:`packer.channel`. This module is the work: crops, their JPEG encode, their write.
 The process never imports torch.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,14 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from packer.errors import UserError
 from packer.layout import DatasetWriter, PackItem
 from packer.lst import LstEntry
-from packer.recordio import RecordIOError
 
-__all__ = ["CropBatch", "ItemMeta", "encode_jpeg", "packer_main", "peak_rss_mb"]
-
-_POLL_S = 1.0  # how often an idle packer checks that its parent is still alive
+__all__ = ["CropBatch", "ItemMeta", "encode_jpeg", "peak_rss_mb"]  # and packer_main, from packer.channel
 
 
 @dataclass(frozen=True)
@@ -107,92 +99,8 @@ def peak_rss_mb() -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
-def _parent_alive(parent_pid: int) -> bool:
-    return os.getppid() == parent_pid
-
-
 class _Stopped(Exception):
     """The aligner asked to stop (Ctrl-C): abort between two inputs instead of draining the queue first."""
-
-
-def packer_main(
-    inbox: Any,
-    outbox: Any,
-    writer_args: dict[str, Any],
-    quality: int,
-    save_crops: str | None,
-    threads: int,
-    parent_pid: int,
-    stop: Any = None,
-) -> None:
-    """Entry point of the packer process (``multiprocessing`` target). See the module docstring for the protocol.
-
-    ``stop``: an optional ``multiprocessing.Event``; once set, the packer aborts (keeping what is committed) at the
-    next input, even with batches still queued.
-    """
-    # Ctrl-C, a terminal hang-up or a service stop reach the whole process group: the parent decides, this process
-    # waits for its "abort" (and, should the parent die, notices it within _POLL_S and keeps what is committed).
-    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
-    stats = PackerStats()
-    try:
-        writer = DatasetWriter(**writer_args)
-    except (UserError, RecordIOError, OSError) as e:
-        outbox.put(("error", _describe(e)))
-        return
-    outbox.put(("ready", writer.done))
-    crops_root = Path(save_crops) if save_crops else None
-    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="encode")
-    pending = None  # (batch, its encode futures): encoded while the next batch arrives, then written
-    try:
-        while True:
-            t0 = time.perf_counter()
-            try:
-                kind, payload = inbox.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not _parent_alive(parent_pid):  # the aligner died (kill -9): keep what is committed
-                    writer.abort()
-                    return
-                if pending is not None:  # nothing new to encode meanwhile: write what is encoded
-                    _write_batch(writer, *pending, crops_root, stats, stop)
-                    pending = None
-                continue
-            finally:
-                stats.wait_s += time.perf_counter() - t0
-            if kind == "abort" or (stop is not None and stop.is_set() and kind == "batch"):
-                raise _Stopped
-            if kind == "end":
-                if pending is not None:  # the last batch's crops are encoded: write them
-                    _write_batch(writer, *pending, crops_root, stats, stop)
-                    pending = None
-                extra = dict(payload or {})
-                extra["packer"] = {k: round(v, 3) for k, v in vars(stats).items() if k.endswith("_s")}
-                extra["packer"]["peak_rss_mb"] = peak_rss_mb()
-                t0 = time.perf_counter()
-                summary = writer.close(report_extra=extra)
-                stats.write_s += time.perf_counter() - t0
-                stats.summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}
-                outbox.put(("done", vars(stats)))
-                return
-            # Encode this batch on the pool while the previous one (encoded already) is written: the disk and the
-            # encoder threads overlap instead of taking turns.
-            encoding = (payload, _encode_batch(payload, quality, pool))
-            if pending is not None:
-                _write_batch(writer, *pending, crops_root, stats, stop)
-            pending = encoding
-    except _Stopped:
-        writer.abort()
-        outbox.put(("aborted", writer.done))
-    except (UserError, RecordIOError, OSError) as e:
-        writer.abort()
-        outbox.put(("error", _describe(e)))
-    except BaseException as e:  # a bug: say what it was, keep the dataset resumable
-        writer.abort()
-        outbox.put(("error", f"packer process failed: {type(e).__name__}: {e}"))
-        raise
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _encode_batch(batch: CropBatch, quality: int, pool: ThreadPoolExecutor) -> list[Future[bytes]]:
@@ -225,8 +133,10 @@ def _write_batch(
     stats.write_s += time.perf_counter() - t0
 
 
-def _describe(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        where = f" ({e.filename})" if e.filename else ""
-        return f"{e.strerror}{where}"
-    return str(e)
+def __getattr__(name: str) -> Any:
+    # packer_main lives in packer.channel (which imports this module): re-exported lazily, no import cycle.
+    if name == "packer_main":
+        from packer.channel import packer_main
+
+        return packer_main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
