@@ -204,6 +204,20 @@ class _ImageChecker:
         return self.results
 
 
+def _start_report(
+    path: str | os.PathLike, decode: bool, max_problems: int
+) -> tuple[DatasetPaths, VerifyReport, Property | None]:
+    """The dataset's files, an empty report for them, and its ``property`` (None, reported, if unreadable)."""
+    paths = resolve_dataset(path)
+    rep = VerifyReport(rec=paths.rec, idx=paths.idx, decoded=decode, max_problems=max_problems)
+    prop: Property | None = None
+    try:
+        prop = read_property(paths.property_file)
+    except UserError as e:
+        rep.add("property", str(e))
+    return paths, rep, prop
+
+
 def verify_dataset(
     path: str | os.PathLike,
     *,
@@ -222,13 +236,7 @@ def verify_dataset(
 
     Raises UserError when the files are missing or the .rec is not RecordIO at all.
     """
-    paths = resolve_dataset(path)
-    rep = VerifyReport(rec=paths.rec, idx=paths.idx, decoded=decode, max_problems=max_problems)
-    prop: Property | None = None
-    try:
-        prop = read_property(paths.property_file)
-    except UserError as e:
-        rep.add("property", str(e))
+    paths, rep, prop = _start_report(path, decode, max_problems)
     if prop is None and paths.property_file.name == "property" and not paths.property_file.exists():
         rep.warnings.append(f"no property file in {paths.dir} (old InsightFace training code reads it)")
 
@@ -358,13 +366,7 @@ def validate_index(path: str | os.PathLike, *, max_problems: int = 20) -> Verify
     indexed record covers are ``unindexed`` problems (an empty ``.idx`` beside a full ``.rec``, lost lines).
     Neither image bodies nor checksums are read: ``verify`` does that.
     """
-    paths = resolve_dataset(path)
-    rep = VerifyReport(rec=paths.rec, idx=paths.idx, decoded=False, max_problems=max_problems)
-    prop: Property | None = None
-    try:
-        prop = read_property(paths.property_file)
-    except UserError as e:
-        rep.add("property", str(e))
+    paths, rep, prop = _start_report(path, False, max_problems)
     idx_keys, idx_offsets, idx_lines = _parse_index(paths.idx, rep)
     name = paths.idx.name
     _check_index_entries(rep, name, idx_keys, idx_offsets, idx_lines)
