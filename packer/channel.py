@@ -33,7 +33,7 @@ import time
 import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -134,20 +134,8 @@ class WriterSettings:
     companions: tuple[str, ...] = ()
 
     def open(self) -> DatasetWriter:
-        return DatasetWriter(
-            self.out_dir,
-            layout=self.layout,
-            label_style=self.label_style,
-            image_size=self.image_size,
-            min_images=self.min_images,
-            shuffle_seed=self.shuffle_seed,
-            resume=self.resume,
-            overwrite=self.overwrite,
-            write_lst=self.write_lst,
-            config=self.config,
-            commit_interval=self.commit_interval,
-            companions=self.companions,
-        )
+        # the fields are DatasetWriter's keywords: a new writer option is one field here (shallow: config stays as is)
+        return DatasetWriter(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 # ------------------------------------------------------------------------------------------------ main process
