@@ -45,7 +45,7 @@ import torch
 from benchmarks import heldout
 from benchmarks.common import machine, write_section
 from gpu_align import FaceAligner
-from gpu_align.select import select_faces
+from gpu_align.detect.select import select_faces
 
 WRONG = 0.5  # NME above this: not the target face (half an inter-ocular distance off on average)
 FLOORS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)

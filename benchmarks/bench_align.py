@@ -1,6 +1,6 @@
 """Detect + align throughput: FaceAligner on batches vs the per-image, unbatched pipeline, in the same run.
 
-Images: the shipped face photos (gpu_align.photos.FACE_PHOTOS), each resized so its long side is random in
+Images: the shipped face photos (gpu_align.demo.photos.FACE_PHOTOS), each resized so its long side is random in
 [150, 800] px (a mix of sizes, like a scraped face dataset).
 
 Rows (timed batch by batch, every method on the same batch back to back, best of --repeat rounds per batch, summed;
@@ -8,7 +8,7 @@ CPU = user + system time of this process):
 
 - per-image baseline: one photo per ``MTCNN.detect`` call at full resolution (20 px minimum face, the reference
   MTCNN setting), centre-largest face, then ``warp_faces`` of that one photo. Raw MTCNN landmarks.
-- the same loop with facenet-pytorch 2.6.0's own per-image, per-box ``detect_face`` (``gpu_align.mtcnn_reference``):
+- the same loop with facenet-pytorch 2.6.0's own per-box ``detect_face`` (``gpu_align.detect.mtcnn.reference``):
   what align scripts run today (first face taken).
 - FaceAligner (batched): ``FaceAligner.align`` on batches of --batch photos with the dataset defaults:
   ``min_face_rel`` 0.1, raw MTCNN landmarks, one batched warp per batch.
@@ -33,8 +33,8 @@ from PIL import Image
 
 from benchmarks.common import RESULTS, machine, write_section
 from gpu_align import FaceAligner, photos
-from gpu_align.select import select_faces
-from gpu_align.warp import arcface_template, estimate_similarity, warp_faces
+from gpu_align.align.warp import arcface_template, estimate_similarity, warp_faces
+from gpu_align.detect.select import select_faces
 
 
 def make_images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -70,7 +70,7 @@ def per_image_baseline(aligner: FaceAligner, images: list[torch.Tensor]) -> int:
 
 def facenet_per_image(device: torch.device):
     """The same loop with facenet-pytorch 2.6.0's own ``detect_face`` (its code and weights), what scripts use today."""
-    from gpu_align.mtcnn_reference import reference_detect
+    from gpu_align.detect.mtcnn.reference import reference_detect
 
     template = arcface_template(112, device=device)
 

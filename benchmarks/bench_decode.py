@@ -22,8 +22,8 @@ import numpy as np
 import simplejpeg
 
 from benchmarks.common import machine, write_section
-from gpu_align import photos
 from gpu_align.decode import dali_available, make_decoder
+from gpu_align.demo import photos
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -43,7 +43,7 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
 def network_storage(paths: list[Path], a) -> list[str]:
     """Files/s of the CPU decoder when every file read waits ``--read-latency-ms`` (network storage, simulated
     with a sleep before each read), for several file-reading thread counts (``reader_threads``)."""
-    import gpu_align.decode as decode
+    import gpu_align.decode.base as decode
 
     real = decode.read_file
 

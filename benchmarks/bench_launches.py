@@ -41,7 +41,8 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from benchmarks.common import machine, write_section
-from gpu_align import FaceAligner, photos
+from gpu_align import FaceAligner
+from gpu_align.demo import photos
 
 # Ops that make views, reshape metadata or allocate without writing: no kernel on CUDA.
 _NO_KERNEL_NAMES = (

@@ -100,7 +100,9 @@ STARTUP_PARTS = r"""
 import json, sys, time, tempfile
 t0 = time.perf_counter()
 import torch
-from gpu_align.pipeline import RunOptions, _Aligner, _start_packer, StageTimes, resolve_device
+from gpu_align.pipeline import RunOptions, StageTimes, resolve_device
+from gpu_align.pipeline.align_stage import AlignStage
+from gpu_align.pipeline.stages import _start_packer
 from gpu_align.scan import scan_source
 t1 = time.perf_counter()
 opts = RunOptions(src=sys.argv[1], out=tempfile.mkdtemp() + "/o", device="cpu", batch_size=32)
@@ -109,7 +111,7 @@ t2 = time.perf_counter()
 packer = _start_packer(opts, src, src.fingerprint())
 packer.ready()
 t3 = time.perf_counter()
-al = _Aligner(opts, torch.device("cpu"), src.items, StageTimes())
+al = AlignStage(opts, torch.device("cpu"), src.items, StageTimes())
 t4 = time.perf_counter()
 packer.abort()
 print(json.dumps({"import": t1 - t0, "scan": t2 - t1, "packer ready": t3 - t2, "model load": t4 - t3}))
@@ -127,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     loads = [int(x) for x in args.loads.split(",")]
     settings = args.settings.split(",")
-    from gpu_align.demo_data import build_demo_dataset
+    from gpu_align.demo.data import build_demo_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_load_"))
     try:

@@ -1,6 +1,6 @@
 """Throughput of the batched MTCNN vs one-image calls (and facenet-pytorch's own per-image code) on mixed sizes.
 
-Images: the shipped photos (gpu_align.photos), each resized so its long side is random in [150, 800] px.
+Images: the shipped photos (gpu_align.demo.photos), each resized so its long side is random in [150, 800] px.
 Usage: python benchmarks/bench_mtcnn.py [--n 64] [--batch 32] [--device cpu] [--reference] [--min-face-rel 0]
        [--long-side 150 800] [--threads N]
 On a shared machine, compare --threads 1 numbers (OpenMP threads spinning against other processes make
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gpu_align import photos
-from gpu_align.mtcnn import MTCNN
+from gpu_align.demo import photos
+from gpu_align.detect.mtcnn import MTCNN
 
 
 def make_images(n: int, seed: int = 0, long_side: tuple[int, int] = (150, 800)) -> list[np.ndarray]:
@@ -94,7 +94,7 @@ def main() -> None:
     for label, times in timed(fns, args.repeat).items():
         report(label, len(images), times)
     if args.reference:  # timed on its own: interleaving it slowed the other modes down (allocator state)
-        from gpu_align.mtcnn_reference import reference_detect
+        from gpu_align.detect.mtcnn.reference import reference_detect
 
         host = [im if isinstance(im, np.ndarray) else im.cpu().numpy() for im in images]
         ref = {"facenet-pytorch per image:": lambda: [reference_detect(im) for im in host]}

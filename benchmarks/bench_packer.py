@@ -1,6 +1,6 @@
 """Packer throughput: RecordIO write/read of 112×112 JPEG face crops, vs a plain file write and vs mxnet 1.9.1.
 
-Payloads: random crops of the shipped photos (faces and scenes, gpu_align.photos), resized to 112×112, flipped at
+Payloads: random crops of the shipped photos (faces and scenes, gpu_align.demo.photos), resized to 112×112, flipped at
 random and JPEG-encoded at quality 95 (~5–8 KB each, like a packed face dataset). All files go to --dir (page cache,
 no fsync): this measures the packer's own cost, not the disk.
 
@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from benchmarks.common import RESULTS, ROOT, machine, write_section
-from gpu_align import photos
+from gpu_align.demo import photos
 from packer import recordio
 
 

@@ -1,13 +1,13 @@
 """End-to-end ``gpu-align run`` throughput vs the per-image MTCNN approach, measured in one run.
 
-Photos: a VGGFace2-like folder built by ``gpu_align.demo_data`` from the shipped face photos (150–800 px, varied
+Photos: a VGGFace2-like folder built by ``gpu_align.demo.data`` from the shipped face photos (150–800 px, varied
 crops, EXIF rotations, JPEG qualities, some grayscale and PNG).
 
 Rows:
   gpu-align run          the whole pipeline (scan, decode, batched MTCNN, batched warp, packer process: JPEG encode
                          and RecordIO write), wall clock from start to finished dataset, model loading included
   per-image baseline     what align scripts do today, one photo at a time: cv2.imread, facenet-pytorch 2.6.0's own
-                         MTCNN code at full resolution (gpu_align.mtcnn_reference), the largest-centre face,
+                         MTCNN code at full resolution (gpu_align.detect.mtcnn.reference), the largest-centre face,
                          skimage similarity + cv2.warpAffine, cv2.imencode q95, mxnet-style RecordIO write
   per-image, our MTCNN   the same loop with gpu_align's MTCNN called on one photo at a time (what batching adds)
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, ROOT, machine, write_section
-from gpu_align.demo_data import build_demo_dataset
+from gpu_align.demo.data import build_demo_dataset
 from gpu_align.pipeline import RunOptions, RunResult, run
 from gpu_align.scan import scan_source
 from packer import recordio
@@ -76,7 +76,7 @@ def per_image_baseline(paths: list[str], out: Path, detect) -> float:
 
 def facenet_detect(device: torch.device):
     """facenet-pytorch 2.6.0's ``detect_face`` (its own code and weights) on one photo, on ``device``."""
-    from gpu_align.mtcnn_reference import reference_detect
+    from gpu_align.detect.mtcnn.reference import reference_detect
 
     def detect(rgb: np.ndarray):
         boxes, _, landmarks = reference_detect(rgb, device=device)
@@ -86,7 +86,7 @@ def facenet_detect(device: torch.device):
 
 
 def ours_detect(device: torch.device):
-    from gpu_align.mtcnn import MTCNN
+    from gpu_align.detect.mtcnn import MTCNN
 
     mtcnn = MTCNN(device=device)
 

@@ -70,7 +70,7 @@ def _files(root: Path) -> list[Path]:
 def cmd_dataset(a) -> int:
     """``distinct`` demo photos, hard-linked into ``n`` files under identity folders (copies as new identities);
     ``subset``: evenly spaced photos of the first copy, hard-linked with the same relative paths."""
-    from gpu_align.demo_data import build_demo_dataset
+    from gpu_align.demo.data import build_demo_dataset
 
     work = Path(a.work)
     distinct, photos, subset = work / "distinct", work / "photos", work / "subset"
@@ -602,7 +602,7 @@ def build_summary(work: Path, mode: str, command: str) -> tuple[dict, list[str],
     section = [
         f"Machine: {gpu + '; ' if gpu else ''}{machine}.",
         "",
-        f"Dataset: {ds.get('photos', 0):,} demo photos (`gpu_align.demo_data`, seed 1; {ds.get('distinct', 0):,} "
+        f"Dataset: {ds.get('photos', 0):,} demo photos (`gpu_align.demo.data`, seed 1; {ds.get('distinct', 0):,} "
         "distinct, the rest hard links as further identities). "
         + (
             ""

@@ -1,6 +1,6 @@
 """Held-out faces with hand-placed 68-point landmarks, and seeded random "dataset-style" views of them.
 
-Why these faces: the project's defaults were tuned on the shipped photos (``gpu_align.photos``: skimage's
+Why these faces: the project's defaults were tuned on the shipped photos (``gpu_align.demo.photos``: skimage's
 astronaut/camera, insightface's t1/Tom_Hanks, messi). An accuracy number on those photos measures the tuning, not
 the method. These faces are different people and photos, with landmarks placed by people, not by a model.
 

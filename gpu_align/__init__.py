@@ -11,7 +11,7 @@ __all__ = ["FaceAligner", "__version__"]
 
 def __getattr__(name: str):
     if name == "FaceAligner":
-        from gpu_align.aligner import FaceAligner
+        from gpu_align.align import FaceAligner
 
         return FaceAligner
     raise AttributeError(f"module 'gpu_align' has no attribute {name!r}")

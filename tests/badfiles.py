@@ -21,7 +21,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from gpu_align import photos
+from gpu_align.demo import photos
 
 
 class BadFile(NamedTuple):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_align import photos
+from gpu_align.demo import photos
 from tests import mxnet_env
 
 
@@ -38,7 +38,7 @@ def _photo_path(name: str):
 
 @pytest.fixture(scope="session")
 def photo_path():
-    """``photo_path(name)`` -> Path of a shipped photo (see gpu_align.photos)."""
+    """``photo_path(name)`` -> Path of a shipped photo (see gpu_align.demo.photos)."""
     return _photo_path
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from gpu_align import FaceAligner
-from gpu_align.aligner import AlignResult, refine_landmarks
-from gpu_align.mtcnn import Detections
-from gpu_align.select import POLICIES, face_keys, select_faces
-from gpu_align.warp import align_faces, arcface_template, estimate_similarity, transform_points, warp_faces
+from gpu_align.align.aligner import AlignResult, refine_landmarks
+from gpu_align.align.warp import align_faces, arcface_template, estimate_similarity, transform_points, warp_faces
+from gpu_align.detect.mtcnn import Detections
+from gpu_align.detect.select import POLICIES, face_keys, select_faces
 from packer.errors import UserError
 
 FACE_PHOTOS = ("astronaut", "camera", "t1", "tom_hanks", "messi")
@@ -57,7 +57,7 @@ def _dets(boxes, scores) -> _Det:
 
 
 class TestSelectFaces:
-    """gpu_align.select.select_faces: policies, confidence floor, runner-up, on synthetic detections."""
+    """gpu_align.detect.select.select_faces: policies, confidence floor, runner-up, on synthetic detections."""
 
     # image 0 (100×200 H×W): a big face off to the left, a smaller one in the centre, a confident small one
     img0 = _dets([[0, 0, 60, 60], [80, 30, 120, 70], [150, 80, 160, 90]], [0.9, 0.95, 0.99])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_align.demo_data import build_demo_dataset
+from gpu_align.demo.data import build_demo_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

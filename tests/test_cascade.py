@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_align import photos
+from gpu_align.demo import photos
 from gpu_align.detect import make_detector
 from gpu_align.detect.base import Detections
 from gpu_align.detect.cascade import MISS_NO_CASCADE_BOX, MISS_ONET_REJECTED, CascadeDetector
-from gpu_align.mtcnn import MTCNN
-from gpu_align.pyramid import plan_pyramid
-from gpu_align.resample import integral_images
+from gpu_align.detect.mtcnn import MTCNN
+from gpu_align.detect.mtcnn.pyramid import plan_pyramid
+from gpu_align.detect.mtcnn.resample import integral_images
 from packer.errors import UserError
 
 FACES = {"astronaut": 1, "camera": 1, "t1": 6, "tom_hanks": 1, "messi": 1}

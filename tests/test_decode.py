@@ -22,7 +22,7 @@ from gpu_align.decode import (
     make_decoder,
     probe_image,
 )
-from gpu_align.decode_cpu import apply_orientation, decode_bytes
+from gpu_align.decode.cpu import apply_orientation, decode_bytes
 from packer.errors import UserError
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="needs nvidia-dali")

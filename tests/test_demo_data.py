@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpu_align.decode import make_decoder, probe_image
-from gpu_align.demo_data import UNICODE_IDENTITY, build_demo_dataset
+from gpu_align.demo.data import UNICODE_IDENTITY, build_demo_dataset
 from packer.errors import UserError
 
 
@@ -78,7 +78,7 @@ def _iou(a, b):
 def test_mtcnn_finds_the_identity_face(demo):
     """Every real face source, each in its smallest demo image (keeps MTCNN on CPU fast): the most confident
     detection is the pasted face (IoU with the recorded box), EXIF orientation applied by the decoder."""
-    from gpu_align.mtcnn import MTCNN
+    from gpu_align.detect.mtcnn import MTCNN
 
     by_identity = {}
     for rel in demo.boxes:

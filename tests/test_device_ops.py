@@ -15,9 +15,9 @@ import torch
 
 from benchmarks.bench_launches import make_photos, measure
 from gpu_align import FaceAligner
-from gpu_align.mtcnn import CUDA_TUNING, MTCNN, MTCNNWeightsMissing, mtcnn_weights_dir
-from gpu_align.resample import integral_images
-from gpu_align.warp import warp_faces
+from gpu_align.align.warp import warp_faces
+from gpu_align.detect.mtcnn import CUDA_TUNING, MTCNN, MTCNNWeightsMissing, mtcnn_weights_dir
+from gpu_align.detect.mtcnn.resample import integral_images
 
 try:
     mtcnn_weights_dir()
@@ -130,7 +130,7 @@ def test_dali_schedules_the_next_batch_before_handing_out_the_current_one(tmp_pa
 
     if not dali_available():
         pytest.skip("NVIDIA DALI not installed")
-    from gpu_align.decode_dali import DaliDecoder
+    from gpu_align.decode.dali import DaliDecoder
 
     events = []
 

@@ -25,9 +25,9 @@ from PIL import Image
 
 from gpu_align import FaceAligner
 from gpu_align.decode import dali_available, make_decoder
-from gpu_align.decode_cpu import decode_bytes, to_8bit
+from gpu_align.decode.cpu import decode_bytes, to_8bit
+from gpu_align.detect.mtcnn import MTCNN
 from gpu_align.device import cuda_index_error, fp32_precisions, full_fp32, is_out_of_memory
-from gpu_align.mtcnn import MTCNN
 from gpu_align.pipeline import resolve_device
 from packer.errors import UserError
 from tests.badfiles import make_bad_files
@@ -263,7 +263,7 @@ def jpegs_and_a_corrupt_one(tmp_path_factory, photos_rgb) -> tuple[list[str], st
 def test_dali_bisection_frees_each_failed_pipeline(jpegs_and_a_corrupt_one):
     """One bad file in 64: 7 rebuilds, but never more than one pipeline's threads alive (before: 8 pipelines and
     their threads until the bisection ended), and back to the baseline afterwards."""
-    from gpu_align.decode_dali import DaliDecoder
+    from gpu_align.decode.dali import DaliDecoder
 
     good, corrupt = jpegs_and_a_corrupt_one
     peak: list[int] = []
@@ -315,7 +315,7 @@ def test_dali_out_of_memory_halves_the_batch_and_reports_no_file(jpegs_and_a_cor
     """Emulated device limit (a run over more than 8 images fails with DALI's real out-of-memory text): the batch is
     halved until it fits and every file is decoded; one image that never fits is decoded on the CPU, with a warning
     naming the batch size to use, and a bad file among them is still just that file's "corrupt"."""
-    from gpu_align.decode_dali import DaliDecoder
+    from gpu_align.decode.dali import DaliDecoder
 
     good, corrupt = jpegs_and_a_corrupt_one
 

@@ -33,7 +33,7 @@ LM = (38.29, 73.53, 56.03, 41.55, 70.73, 51.70, 51.50, 71.74, 92.37, 92.20)  # t
 
 def _crop(seed: int) -> bytes:
     """A 112×112 JPEG with real structure (a shifted crop of the astronaut photo)."""
-    from gpu_align import photos
+    from gpu_align.demo import photos
 
     img = photos.load_rgb("astronaut")[seed * 7 : seed * 7 + 224, 150 + seed * 5 : 374 + seed * 5]
     ok, buf = cv2.imencode(".jpg", cv2.resize(img, (112, 112))[..., ::-1])
@@ -185,7 +185,7 @@ def test_decompression_bombs_cost_no_memory(tmp_path):
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_exif_orientation_of_type_long_is_applied_like_pillow(kind, tmp_path):
-    from gpu_align import photos
+    from gpu_align.demo import photos
 
     img = np.ascontiguousarray(photos.load_rgb("astronaut")[:200, 100:350])  # (200, 250): shape shows the turn
     plain = cv2.imencode(".jpg", img[..., ::-1])[1].tobytes()

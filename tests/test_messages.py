@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from gpu_align.cli import run as gpu_align
-from gpu_align.demo_data import build_demo_dataset
-from gpu_align.pipeline import RunOptions, _progress
+from gpu_align.demo.data import build_demo_dataset
+from gpu_align.pipeline import RunOptions
+from gpu_align.pipeline.stages import _progress
 from tests.tools_fixtures import identities
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Batched MTCNN (gpu_align.mtcnn and its parts) on the real shipped photos, against facenet-pytorch's own code."""
+"""Batched MTCNN (gpu_align.detect.mtcnn and its parts) on the real shipped photos, against facenet-pytorch."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_align import mtcnn as mtcnn_mod
-from gpu_align import nms as nms_mod
-from gpu_align import photos
-from gpu_align.mtcnn import MTCNN, Detections, MTCNNWeightsMissing, mtcnn_weights_dir
-from gpu_align.nms import batched_nms
-from gpu_align.pyramid import plan_pyramid, pyramid_scales
-from gpu_align.resample import integral_images, resample_crops, resample_levels_into, resample_ragged_into
+from gpu_align.demo import photos
+from gpu_align.detect import nms as nms_mod
+from gpu_align.detect.mtcnn import MTCNN, Detections, MTCNNWeightsMissing, mtcnn_weights_dir
+from gpu_align.detect.mtcnn import model as mtcnn_mod
+from gpu_align.detect.mtcnn.pyramid import plan_pyramid, pyramid_scales
+from gpu_align.detect.mtcnn.resample import integral_images, resample_crops, resample_levels_into, resample_ragged_into
+from gpu_align.detect.nms import batched_nms
 from packer.errors import UserError
 
 FACES = {"astronaut": 1, "camera": 1, "t1": 6, "tom_hanks": 1, "messi": 1}
@@ -216,7 +216,7 @@ def test_half_precision_networks_find_the_same_faces(images, single):
 
 @pytest.mark.parametrize("name", [*photos.FACE_PHOTOS, *photos.NON_FACE_PHOTOS])
 def test_matches_facenet_pytorch_detect_face(name, images, single):
-    from gpu_align.mtcnn_reference import reference_detect
+    from gpu_align.detect.mtcnn.reference import reference_detect
 
     if name not in images:
         pytest.skip(f"{name} not installed")
@@ -229,7 +229,7 @@ def test_matches_facenet_pytorch_detect_face(name, images, single):
 
 
 def test_matches_facenet_pytorch_with_other_settings(images):
-    from gpu_align.mtcnn_reference import reference_detect
+    from gpu_align.detect.mtcnn.reference import reference_detect
 
     im = images["messi"] if "messi" in images else images["astronaut"]
     boxes, scores, landmarks = reference_detect(im, min_face_size=40, thresholds=(0.5, 0.6, 0.6), factor=0.6)

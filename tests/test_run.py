@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
-from gpu_align import photos
 from gpu_align.cli import run as gpu_align_cli
+from gpu_align.demo import photos
 from gpu_align.pipeline import RunOptions, run
 from packer import recordio
 from packer.cli import run as cli_run
@@ -128,7 +128,7 @@ def test_stored_crop_is_the_aligned_face(reference):
     from skimage.transform import SimilarityTransform
 
     from gpu_align import FaceAligner
-    from gpu_align.warp import ARCFACE_112
+    from gpu_align.align.warp import ARCFACE_112
 
     out, _ = reference
     recs = _records(out)

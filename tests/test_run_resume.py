@@ -19,9 +19,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-from gpu_align import photos
 from gpu_align.cli import run as gpu_align_cli
-from gpu_align.pipeline import INPUTS_NAME, RunOptions, _crop_names, run
+from gpu_align.demo import photos
+from gpu_align.pipeline import INPUTS_NAME, RunOptions, run
+from gpu_align.pipeline.align_stage import crop_names
 from gpu_align.scan import InputItem, scan_source
 from packer import recordio
 from tests.photo_files import scaled, write_jpeg
@@ -266,14 +267,14 @@ def test_crop_names_rule():
     def items(*paths: str, group: str = "0") -> list[InputItem]:
         return [InputItem(k, p, group) for k, p in enumerate(paths)]
 
-    assert _crop_names(items("/r/a/1.jpg", "/r/b/1.jpg", "/r/c/2.jpeg", "/r/c/3.png")) == [
+    assert crop_names(items("/r/a/1.jpg", "/r/b/1.jpg", "/r/c/2.jpeg", "/r/c/3.png")) == [
         "1.jpg.jpg", "1.jpg_2.jpg", "2.jpg", "3.png.jpg"  # one name from two folders of a .lst: numbered
     ]
     # exact names, like the photos' own; "a.png.jpg" is also b.png-style "a.png"'s name: both keep their extension
-    assert _crop_names(items("/r/A.jpg", "/r/a.jpg", "/r/a.png", "/r/a.png.jpg", "/r/a.png.jpg.jpg")) == [
+    assert crop_names(items("/r/A.jpg", "/r/a.jpg", "/r/a.png", "/r/a.png.jpg", "/r/a.png.jpg.jpg")) == [
         "A.jpg", "a.jpg", "a.png.jpg", "a.png.jpg.jpg", "a.png.jpg_2.jpg"
     ]
-    assert _crop_names(items("/r/a.jpg", "/r/a.jpg", group="1") + items("/r/a.jpg", group="2")) == [
+    assert crop_names(items("/r/a.jpg", "/r/a.jpg", group="1") + items("/r/a.jpg", group="2")) == [
         "a.jpg.jpg", "a.jpg_2.jpg", "a.jpg"  # per identity folder
     ]
 

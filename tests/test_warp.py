@@ -1,4 +1,4 @@
-"""gpu_align.warp: ArcFace template, batched Umeyama fit against scikit-image, batched warp against OpenCV."""
+"""gpu_align.align.warp: ArcFace template, batched Umeyama fit against scikit-image, batched warp against OpenCV."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from skimage.transform import SimilarityTransform
 
-from gpu_align.warp import (
+from gpu_align.align.warp import (
     ARCFACE_112,
     align_faces,
     arcface_template,

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from gpu_align import photos
+from gpu_align.demo import photos
 from packer.recordio import IRHeader, MXIndexedRecordIO, pack
 
 # identity name -> photo it is cut from

@@ -38,9 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gpu_align.demo_data import build_demo_dataset
+    from gpu_align.demo.data import build_demo_dataset
     from gpu_align.pipeline import RunOptions, run
-    from gpu_align.summary import print_summary
+    from gpu_align.pipeline.summary import print_summary
     from packer.binfile import max_pairs
     from packer.commands.inspect import dataset_montage
     from packer.montage import save_montage

@@ -276,7 +276,7 @@ def _stopped_message(out: Path) -> str:
 
 def _execute(opts, command: str = "run") -> int:
     from gpu_align.pipeline import PackerDied, run
-    from gpu_align.summary import print_summary
+    from gpu_align.pipeline.summary import print_summary
 
     try:
         with _signals_stop_cleanly():

@@ -1,6 +1,6 @@
 """Face detectors behind one interface (:class:`FaceDetector`), one file per implementation.
 
-- ``mtcnn`` (default): MTCNN, batched in pure torch (:mod:`gpu_align.mtcnn`); the detector InsightFace's
+- ``mtcnn`` (default): MTCNN, batched in pure torch (:mod:`gpu_align.detect.mtcnn`); the detector InsightFace's
   MS1M/VGGFace2 releases and verification sets were aligned with.
 - ``cascade``: scikit-image's Viola–Jones (LBP) frontal-face cascade for the box, MTCNN's O-Net for the five
   landmarks (:mod:`gpu_align.detect.cascade`).
@@ -21,7 +21,7 @@ def make_detector(name: str, **options) -> FaceDetector:
     """The detector called ``name``, built with ``options`` (``device``, ``dtype``, ``channels_last`` and the
     implementation's own keywords). Unknown names raise ``ValueError`` naming the choices."""
     if name == "mtcnn":
-        from gpu_align.mtcnn import MTCNN
+        from gpu_align.detect.mtcnn import MTCNN
 
         return MTCNN(**options)
     if name == "cascade":

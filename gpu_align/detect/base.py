@@ -1,7 +1,7 @@
 """What every face detector returns and promises (one file per implementation beside this one).
 
 A detector takes a batch of photos of any sizes and returns, per photo, every face it found with a box, a score
-and the five ArcFace landmarks. Selection of *the* face of a photo (``gpu_align.select``) and the warp do not
+and the five ArcFace landmarks. Selection of *the* face of a photo (``gpu_align.detect.select``) and the warp do not
 care which detector produced them.
 """
 

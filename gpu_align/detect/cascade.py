@@ -4,7 +4,7 @@ scikit-image's cascade (``skimage.feature.Cascade`` with ``lbpcascade_frontalfac
 frontal-face model; OpenCV 5 itself has no ``CascadeClassifier``) finds face boxes on the CPU, one image at a time.
 Its box is a tight square around eyes, nose and mouth; a fixed expansion (measured on the shipped photos, see
 ``BOX_SCALE``/``BOX_SHIFT``) turns it into the MTCNN-style face box O-Net was trained on, and all boxes of a batch go
-to O-Net in one call on the detector's device (:meth:`gpu_align.mtcnn.MTCNN.onet_on_boxes`). O-Net supplies the
+to O-Net in one call on the detector's device (:meth:`gpu_align.detect.mtcnn.MTCNN.onet_on_boxes`). O-Net supplies the
 five landmarks, a refined box and the score; a cascade box O-Net rejects (probability ``<= thresholds[2]``) is
 dropped, never guessed: :attr:`CascadeDetector.last_miss_reasons` says why a photo got no face.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_align.detect.base import Detections
-from gpu_align.mtcnn import MTCNN
+from gpu_align.detect.mtcnn import MTCNN
 from packer.errors import UserError
 
 INSTALL_HINT = "pip install scikit-image"
@@ -52,7 +52,7 @@ class CascadeDetector:
     :class:`gpu_align.detect.FaceDetector`.
 
     Args:
-        device, dtype, channels_last: for its internal :class:`gpu_align.mtcnn.MTCNN` (O-Net itself always runs in
+        device, dtype, channels_last: for its internal :class:`~gpu_align.detect.mtcnn.MTCNN` (O-Net always runs in
             float32: its landmarks are the output).
         scale_factor, step_ratio, min_neighbor_number, intersection_score_threshold: of skimage's
             ``Cascade.detect_multi_scale`` (window growth per scale, scan step in windows, detections needed to
@@ -63,7 +63,7 @@ class CascadeDetector:
         box_scale, box_shift: cascade box → O-Net input box (see ``BOX_SCALE``, ``BOX_SHIFT``).
         refine_passes: further O-Net passes on O-Net's own regressed boxes (1: landmarks closest to MTCNN's).
         threads: cascade worker threads (skimage's scan runs without the GIL); ``None``: ``torch.get_num_threads()``.
-        **mtcnn_options: other :class:`gpu_align.mtcnn.MTCNN` keywords (``thresholds``, ``nms_thresholds``, ...).
+        **mtcnn_options: other :class:`gpu_align.detect.mtcnn.MTCNN` keywords (``thresholds``, ``nms_thresholds``, ...).
     """
 
     name = "cascade"

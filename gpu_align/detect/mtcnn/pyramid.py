@@ -7,7 +7,7 @@ images side by side gives, for each image, exactly the outputs it would get alon
 - the networks never mix two images: conv1 outputs outside an image are set to a large negative value before the
   2×2 ceil-mode max-pool (a window that runs past the image's edge then takes the max over the image's own values,
   as the ceil-mode pool does on a lone image), pooled values outside an image are set to 0, and output cells whose
-  receptive field is not inside one image are dropped (see ``PNet.forward_atlas`` in ``gpu_align.mtcnn``).
+  receptive field is not inside one image are dropped (see ``PNet.forward_atlas`` in ``gpu_align.detect.mtcnn``).
 
 Packing is shelf first-fit by decreasing height (host-side, O(levels · shelves), integers only).
 """

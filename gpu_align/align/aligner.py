@@ -5,7 +5,7 @@
 >>> res = aligner.align([img0, img1, img2])        # (H, W, 3) uint8 RGB numpy arrays or torch tensors
 >>> res.crops[res.found]                           # (n, 112, 112, 3) uint8 on the device
 
-Dataset mode: every photo is meant to hold one target face. A face-selection policy (``gpu_align.select``)
+Dataset mode: every photo is meant to hold one target face. A face-selection policy (``gpu_align.detect.select``)
 picks it among the detections at or above a confidence floor, and the runner-up of a multi-face photo is
 returned too; a photo without a (confident) face is reported in ``miss_reason`` and, with ``on_miss="center"``,
 gets InsightFace's old centre-crop fallback, flagged in ``center``. Nothing raises for one bad photo.
@@ -36,11 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpu_align.detect import DETECTORS, Detections, FaceDetector, empty_detections, make_detector
-from gpu_align.device import check_device, full_fp32, is_out_of_memory, oom_message
-from gpu_align.mtcnn import MTCNN
-from gpu_align.select import POLICIES, SelectFn, select_faces
-from gpu_align.warp import (
+from gpu_align.align.warp import (
     ARCFACE_112,
     arcface_template,
     center_crop_affine,
@@ -49,6 +45,10 @@ from gpu_align.warp import (
     transform_points,
     warp_faces,
 )
+from gpu_align.detect import DETECTORS, Detections, FaceDetector, empty_detections, make_detector
+from gpu_align.detect.mtcnn import MTCNN
+from gpu_align.detect.select import POLICIES, SelectFn, select_faces
+from gpu_align.device import check_device, full_fp32, is_out_of_memory, oom_message
 from packer.errors import UserError
 
 ON_MISS = ("skip", "center")
@@ -229,9 +229,10 @@ class FaceAligner:
         detector: ``"mtcnn"`` (default; what InsightFace's datasets were aligned with), ``"cascade"``
             (Viola–Jones box + O-Net landmarks) or ``"retinaface"`` (see :mod:`gpu_align.detect`).
         image_size: crop side ``S``: 112·k (ArcFace template scaled) or 128·k (wider margin), see
-            :func:`gpu_align.warp.arcface_template`.
+            :func:`gpu_align.align.warp.arcface_template`.
         select: face-selection policy, one of ``"center-largest"`` (default; InsightFace's align scripts),
-            ``"largest"``, ``"best-score"``, ``"center"``, or a callable (see :func:`gpu_align.select.select_faces`).
+            ``"largest"``, ``"best-score"``, ``"center"``, or a callable
+            (see :func:`gpu_align.detect.select.select_faces`).
         min_face_rel: smallest face searched for, relative to each photo's shorter side (0 or None: off, every face
             down to ``min_face_size`` pixels). The default 0.1 suits dataset photos (the target face is much larger)
             and speeds up large photos; use 0 to find small faces in group photos.
@@ -251,7 +252,7 @@ class FaceAligner:
         landmark_decimals: round the landmarks to this many decimals before the fit (``gpu-align run`` uses 2,
             what ``train.lst`` holds, so that packing the ``.lst`` reproduces the crops bit for bit).
         timed: synchronise the device after each stage and report per-stage seconds in ``AlignResult.seconds``.
-        **detector_options: passed to the detector (for MTCNN, :class:`gpu_align.mtcnn.MTCNN`'s
+        **detector_options: passed to the detector (for MTCNN, :class:`gpu_align.detect.mtcnn.MTCNN`'s
             ``min_face_size``, ``thresholds``, ``scale_factor``, ``nms_thresholds``, ``weights_dir``, ...).
     """
 
@@ -381,7 +382,7 @@ class FaceAligner:
         return dets
 
     def detect(self, images: Sequence) -> list[Detections]:
-        """All faces per image (after the ``min_face_rel`` scale policy), as :class:`gpu_align.mtcnn.Detections`.
+        """All faces per image (after the ``min_face_rel`` scale policy), as :class:`gpu_align.detect.mtcnn.Detections`.
 
         ``images``: list of ``(H, W, 3)`` uint8 RGB numpy arrays or tensors, any sizes. Unusable or too small
         images give empty detections. Boxes/landmarks are in each image's pixel coordinates, on the device.

@@ -4,12 +4,12 @@ Reproduces facenet-pytorch 2.6.0's ``detect_face`` (its weights, defaults, box r
 (N, W, H, C) flatten of R-Net/O-Net, landmark decoding, the rounding and ``+1`` conventions) with these changes
 of *implementation* (same results):
 
-- Pyramid: all levels of all images are packed into a few atlas pages (``gpu_align.pyramid``) and P-Net runs
+- Pyramid: all levels of all images are packed into a few atlas pages (:mod:`.pyramid`) and P-Net runs
   once per page batch; masks keep images apart, so each image gets exactly its lone-image outputs.
-- Resampling (pyramid levels and the 24×24 / 48×48 crops) reads summed-area tables (``gpu_align.resample``):
+- Resampling (pyramid levels and the 24×24 / 48×48 crops) reads summed-area tables (:mod:`.resample`):
   all crops in one gather, all pyramid levels in one gather (CUDA) or a few ops per level (CPU). Bit-identical to
   facenet-pytorch's per-box ``interpolate(mode="area")`` of the same region.
-- NMS: exact greedy NMS in torch on the device, batched over images/levels (``gpu_align.nms``).
+- NMS: exact greedy NMS in torch on the device, batched over images/levels (``gpu_align.detect.nms``).
 
 and these deliberate deviations:
 
@@ -34,15 +34,15 @@ import torch
 from torch import nn
 
 from gpu_align.detect.base import Detections, as_image_tensor
-from gpu_align.nms import batched_nms
-from gpu_align.pyramid import PyramidPlan, plan_pyramid
-from gpu_align.resample import (
+from gpu_align.detect.mtcnn.pyramid import PyramidPlan, plan_pyramid
+from gpu_align.detect.mtcnn.resample import (
     IntegralImages,
     integral_images,
     resample_crops,
     resample_levels_into,
     resample_ragged_into,
 )
+from gpu_align.detect.nms import batched_nms
 from packer.errors import UserError
 
 INSTALL_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
@@ -103,7 +103,7 @@ class PNet(nn.Module):
         return self._head(self.pool1(self.prelu1(self.conv1(x))))
 
     def forward_atlas(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """P-Net over atlas pages holding many images (see ``gpu_align.pyramid``).
+        """P-Net over atlas pages holding many images (see ``gpu_align.detect.mtcnn.pyramid``).
 
         Args:
             x: (P, 3, H, W) normalised pages.

@@ -1,6 +1,6 @@
 """Build a small VGGFace2-like demo dataset (``root/<identity>/<image>``) from the real face photos packages ship.
 
-What is real and what is not: the installed packages ship only about ten real faces (``gpu_align.photos``):
+What is real and what is not: the installed packages ship only about ten real faces (``gpu_align.demo.photos``):
 the six people of insightface's ``t1.jpg``, scikit-image's astronaut and cameraman, insightface's Tom Hanks crop
 and, with Debian's opencv-doc, Messi. Each real face is one identity. Identities beyond that are *synthetic
 variants* of those same faces: a fixed mirror, aspect stretch and colour cast per variant. They are the same person
@@ -33,11 +33,11 @@ import cv2
 import numpy as np
 import simplejpeg
 
-from gpu_align import photos
+from gpu_align.demo import photos
 from packer.errors import UserError
 
 # Face boxes (x1, y1, x2, y2) in the shipped photos and the roll of the eye line in degrees (positive: the right
-# eye lower), found once with MTCNN (gpu_align.mtcnn, default settings).
+# eye lower), found once with MTCNN (gpu_align.detect.mtcnn, default settings).
 _FACES: list[tuple[str, str, tuple[int, int, int, int], float]] = [
     # (photo, description, box, roll)
     ("astronaut", "scikit-image astronaut.png", (181, 62, 268, 172), 3),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TextIO
 
-from gpu_align.pipeline import RunResult
+from gpu_align.pipeline.options import RunResult
 
 __all__ = ["print_summary"]
 

@@ -5,7 +5,7 @@ uses one torchvision function, ``torchvision.ops.boxes.batched_nms``. This modul
 unmodified ``models/utils/detect_face.py`` and the P/R/O-Net classes of ``models/mtcnn.py`` (source read from the
 install, so what runs is facenet-pytorch's code and weights) with a plain numpy greedy NMS in place of
 torchvision's (same semantics: descending score, IoU with areas (x2-x1)·(y2-y1), suppress when IoU > threshold,
-independently per index). It is the per-image, per-box-loop algorithm that ``gpu_align.mtcnn`` reimplements.
+independently per index). It is the per-image, per-box-loop algorithm that ``gpu_align.detect.mtcnn`` reimplements.
 Not used by the pipeline.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu_align.mtcnn import INSTALL_HINT, MTCNNWeightsMissing
+from gpu_align.detect.mtcnn import INSTALL_HINT, MTCNNWeightsMissing
 
 
 def _greedy_nms_numpy(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:

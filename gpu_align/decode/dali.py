@@ -27,8 +27,8 @@ import warnings
 import numpy as np
 import torch
 
-from gpu_align.decode import CORRUPT, DecodeError, Decoder, Loaded, check_jpeg_data
-from gpu_align.decode_cpu import decode_bytes
+from gpu_align.decode.base import CORRUPT, DecodeError, Decoder, Loaded, check_jpeg_data
+from gpu_align.decode.cpu import decode_bytes
 from gpu_align.device import is_out_of_memory, oom_message
 
 

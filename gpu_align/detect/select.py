@@ -32,7 +32,7 @@ import torch
 POLICIES = ("center-largest", "largest", "best-score", "center")
 
 
-class _Dets(Protocol):  # gpu_align.mtcnn.Detections
+class _Dets(Protocol):  # gpu_align.detect.mtcnn.Detections
     boxes: torch.Tensor
     scores: torch.Tensor
     landmarks: torch.Tensor

@@ -1,0 +1,217 @@
+"""The align stage of a run: one decoded batch -> the packer's :class:`~packer.process.CropBatch`.
+
+It runs :class:`~gpu_align.align.FaceAligner` on the photos (or warps with a ``.lst``'s own landmarks, which are
+not detected again), turns each photo into the packer's :class:`~packer.process.ItemMeta` (its ``train.lst``
+line, or why it was skipped, and report notes such as several confident faces), and times the device stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu_align.align import AlignResult, FaceAligner
+from gpu_align.align.warp import arcface_template, invert_affine, transform_points
+from gpu_align.decode import DecodedBatch
+from gpu_align.detect import Detections
+from gpu_align.pipeline.options import RunOptions, StageTimes
+from gpu_align.scan import InputItem
+from packer.lst import LstEntry, landmarks_outside
+from packer.process import CropBatch, ItemMeta
+
+LANDMARK_DECIMALS = 2  # train.lst precision; the fit uses the rounded landmarks so the .lst reproduces the crops
+
+
+def _crop_name(path: str) -> str:
+    name = os.path.basename(path)
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.jpg" if ext.lower() in (".jpg", ".jpeg") else f"{name}.jpg"
+
+
+def crop_names(items: list[InputItem]) -> list[str]:
+    """``--save-crops`` file names, unique within each identity folder.
+
+    ``a.jpg`` → ``a.jpg``, ``b.png`` → ``b.png.jpg``; photos of one identity whose names would clash (``a.jpg``,
+    ``a.JPG``, ``a.jpeg``, or one name from two folders of a ``.lst``) all keep their extension (``a.jpg.jpg``,
+    ``a.JPG.jpg``, ``a.jpeg.jpg``); a clash left after that gets ``_2``, ``_3``… in input order. Names are compared
+    as written (like the photos' own: ``A.jpg`` and ``a.jpg`` stay apart on Linux). They depend only on the input
+    list, so a resumed run writes the same ones.
+    """
+    names = [_crop_name(it.path) for it in items]
+    by_group: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        by_group.setdefault(it.group, []).append(k)
+    for ks in by_group.values():
+        seen: dict[str, int] = {}
+        for k in ks:
+            seen[names[k]] = seen.get(names[k], 0) + 1
+        for k in ks:
+            if seen[names[k]] > 1:
+                names[k] = os.path.basename(items[k].path) + ".jpg"
+        taken: set[str] = set()
+        for k in ks:
+            stem, n = names[k][: -len(".jpg")], 1
+            while names[k] in taken:
+                n += 1
+                names[k] = f"{stem}_{n}.jpg"
+            taken.add(names[k])
+    return names
+
+
+def _round_landmarks(lm: torch.Tensor) -> torch.Tensor:
+    scale = 10.0**LANDMARK_DECIMALS
+    return torch.round(lm * scale) / scale
+
+
+def _lst_entry(path: str, box: np.ndarray, lm: np.ndarray) -> LstEntry:
+    """face2rec2 line of an aligned photo: aligned=0 (the path is the source photo), box, landmarks x1..x5 y1..y5."""
+    return LstEntry(0, path, 0, tuple(round(float(v)) for v in box), tuple(float(v) for v in lm.T.reshape(-1)))
+
+
+def _given_detections(item: InputItem, device: torch.device) -> Detections:
+    """A ``.lst`` line's own landmarks as a one-face detection (the photo is not detected again)."""
+    lm = torch.as_tensor(item.landmarks, dtype=torch.float32, device=device).reshape(1, 5, 2)
+    if item.bbox is not None:
+        box = torch.tensor([item.bbox], dtype=torch.float32, device=device)
+    else:
+        box = torch.cat([lm.amin(1), lm.amax(1)], dim=1)
+    return Detections(box, torch.ones(1, device=device), lm)
+
+
+class AlignStage:
+    """Detect (or take the ``.lst``'s landmarks) and warp one decoded batch; times each stage."""
+
+    def __init__(self, opts: RunOptions, device: torch.device, items: list[InputItem], times: StageTimes):
+        self.aligner = FaceAligner(
+            device=device,
+            image_size=opts.image_size,
+            select=opts.select,
+            min_face_rel=opts.min_face_rel,
+            on_miss=opts.on_miss,
+            refine=opts.refine,
+            detector=opts.detector,
+            min_score=opts.min_score,
+            fp16=opts.fp16,
+            landmark_decimals=LANDMARK_DECIMALS,
+            timed=True,
+        )
+        self.device = device
+        self.items = items
+        self.times = times
+        self.template = arcface_template(opts.image_size, device=device)
+        self.crop_names = crop_names(items) if opts.save_crops else None
+
+    def _drop_bad_landmarks(self, batch: DecodedBatch) -> DecodedBatch:
+        """Photos whose ``.lst`` landmarks cannot place a face (parse-time ``bad_landmarks``, or points more than
+        one inter-ocular distance outside the decoded photo) become failures: never a black crop, never detected."""
+        bad: dict[int, str] = {}
+        for k, i in enumerate(batch.indices):
+            it = self.items[i]
+            if it.bad_landmarks is not None:
+                bad[k] = it.bad_landmarks
+            elif it.landmarks is not None:
+                h, w = batch.images[k].shape[:2]
+                why = landmarks_outside(it.landmarks.T.reshape(-1).tolist(), w, h)  # (5, 2) -> x1..x5 y1..y5
+                if why is not None:
+                    bad[k] = f"bad landmarks: {why}"
+        if not bad:
+            return batch
+        keep = [k for k in range(len(batch.indices)) if k not in bad]
+        failures = sorted(
+            [*batch.failures, *((batch.indices[k], self.items[batch.indices[k]].path, r) for k, r in bad.items())]
+        )
+        return DecodedBatch([batch.indices[k] for k in keep], [batch.images[k] for k in keep], failures)
+
+    def _given(self, batch: DecodedBatch) -> list[Detections | None]:
+        """The ``.lst``'s own landmarks where it has them (no detection); None = detect this photo."""
+        return [
+            _given_detections(self.items[i], self.device) if self.items[i].landmarks is not None else None
+            for i in batch.indices
+        ]
+
+    def _multi_face_notes(self, res: AlignResult) -> dict[int, dict[str, Any]]:
+        """Per batch row with several confident faces: the policy's choice and its runner-up, for report.json."""
+        multi = ((res.num_confident >= 2) & res.found).nonzero()[:, 0].tolist()
+        if not multi:
+            return {}
+        rows = torch.tensor(multi, device=res.found.device)
+        n = res.num_confident[rows].tolist()
+        box, score = res.boxes[rows].cpu().numpy(), res.scores[rows].tolist()
+        ru_box, ru_score = res.runner_up_boxes[rows].cpu().numpy(), res.runner_up_scores[rows].tolist()
+
+        def face(b: np.ndarray, p: float) -> dict[str, Any]:
+            return {"box": [round(float(v), 1) for v in b], "score": round(p, 4)}
+
+        return {
+            k: {
+                "kind": "multi-face",
+                "faces": n[j],
+                "select": self.aligner.select if isinstance(self.aligner.select, str) else "custom",
+                "chosen": face(box[j], score[j]),
+                "runner_up": face(ru_box[j], ru_score[j]),
+            }
+            for j, k in enumerate(multi)
+        }
+
+    def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
+        """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
+        batch = self._drop_bad_landmarks(batch)
+        counts = dict(found=0, center=0, missed=0, failed=0)
+        metas: dict[int, ItemMeta] = {}
+        for index, _path, reason in batch.failures:
+            if index >= skip_below:
+                it = self.items[index]
+                metas[index] = ItemMeta(index, it.group, it.path, skip_reason=reason)
+                counts["failed"] += 1
+        crops = np.zeros((0, self.aligner.image_size, self.aligner.image_size, 3), np.uint8)
+        if batch.images:
+            res = self.aligner.align(batch.images, detections=self._given(batch))
+            t2 = time.perf_counter()
+            ok = res.ok
+            crops = res.crops[ok].cpu().numpy()
+            # Centre-crop fallbacks get the landmarks that reproduce them (template mapped back to the photo).
+            lms = torch.where(
+                res.center[:, None, None],
+                transform_points(invert_affine(res.transforms), self.template.expand(len(res), 5, 2)),
+                res.landmarks,
+            )
+            lms = _round_landmarks(lms).cpu().numpy()
+            boxes = res.boxes.cpu().numpy()
+            ok_l, center_l = ok.tolist(), res.center.tolist()
+            notes = self._multi_face_notes(res)
+            t3 = time.perf_counter()
+            self.times.detect += res.seconds.get("detect", 0.0)
+            self.times.refine += res.seconds.get("refine", 0.0)
+            self.times.warp += res.seconds.get("warp", 0.0)
+            self.times.transfer += t3 - t2
+            row = 0
+            for k, i in enumerate(batch.indices):
+                it = self.items[i]
+                if ok_l[k]:
+                    if center_l[k]:
+                        h, w = batch.images[k].shape[:2]
+                        boxes[k] = (0, 0, w, h)
+                    if i >= skip_below:
+                        lst = _lst_entry(it.path, boxes[k], lms[k])
+                        name = self.crop_names[i] if self.crop_names else ""
+                        metas[i] = ItemMeta(i, it.group, it.path, row, lst, None, name, notes.get(k))
+                        counts["center" if center_l[k] else "found"] += 1
+                    row += 1
+                elif i >= skip_below:
+                    metas[i] = ItemMeta(i, it.group, it.path, skip_reason=res.miss_reason[k] or "no face")
+                    counts["missed"] += 1
+        # Rows of inputs that were already written are dropped; re-number the rest compactly.
+        keep_rows = [m.row for _, m in sorted(metas.items()) if m.row >= 0]
+        if len(keep_rows) != len(crops):
+            crops = crops[keep_rows]
+        remap = {r: n for n, r in enumerate(keep_rows)}
+        ordered = [
+            m if m.row < 0 else dataclasses.replace(m, row=remap[m.row])
+            for _, m in sorted(metas.items())
+        ]
+        return CropBatch(ordered, np.ascontiguousarray(crops)), counts
