@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packer.errors import UserError
+from packer.fsutil import atomic_write
 from packer.reader import image_format, image_shape
 
 __all__ = ["PairSource", "PairsEntry", "draw_pairs", "load_pair_source", "read_bin", "read_pairs", "write_bin"]
@@ -78,12 +79,7 @@ def write_bin(path: str | os.PathLike, images: list[bytes], issame: list[bool]) 
     p = Path(path)
     buf = io.BytesIO()
     pickle.dump(([bytes(b) for b in images], [bool(x) for x in issame]), buf, protocol=PICKLE_PROTOCOL)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    atomic_write(p, buf.getvalue())
 
 
 def read_pairs(path: str | os.PathLike) -> list[PairsEntry]:

@@ -25,7 +25,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from packer.errors import UserError
-from packer.recordio import MAGIC, IRHeader, RecordIOError, read_record_at, unpack
+from packer.recordio import MAGIC_BYTES, IRHeader, RecordIOError, decode_flag, decode_length, read_record_at, unpack
 
 __all__ = [
     "DatasetPaths",
@@ -47,9 +47,6 @@ __all__ = [
     "resolve_dataset",
     "style_of_flags",
 ]
-
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
-_IR = struct.Struct("<IfQQ")
 
 
 class ImageRecord(NamedTuple):
@@ -308,9 +305,9 @@ def read_head_span(f: BinaryIO, offset: int, size: int) -> tuple[IRHeader, int, 
     the first bytes of a one-part record. RecordIOError if no whole record starts there."""
     f.seek(offset)
     head = f.read(8 + 32)
-    if len(head) >= 8 + 24 and head[:4] == _MAGIC_BYTES:
+    if len(head) >= 8 + 24 and head[:4] == MAGIC_BYTES:
         (lrec,) = struct.unpack_from("<I", head, 4)
-        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+        cflag, length = decode_flag(lrec), decode_length(lrec)
         flag = struct.unpack_from("<I", head, 8)[0]
         need = 24 + 4 * flag
         end = offset + 8 + ((length + 3) & ~3)
@@ -365,7 +362,7 @@ class DatasetReader:
             )
         self._f: BinaryIO = open(self.paths.rec, "rb")  # noqa: SIM115 - closed by close()
         self.rec_size = os.fstat(self._f.fileno()).st_size
-        if self.rec_size and self._f.read(4) != _MAGIC_BYTES:
+        if self.rec_size and self._f.read(4) != MAGIC_BYTES:
             self.close()
             raise UserError(f"{self.paths.rec} is not a RecordIO file (it does not start with the RecordIO magic)")
         past = np.flatnonzero(offsets >= self.rec_size)

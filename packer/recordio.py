@@ -55,11 +55,15 @@ import numpy as np
 
 __all__ = [
     "MAGIC",
+    "MAGIC_BYTES",
     "MAX_RECORD_LENGTH",
     "IRHeader",
     "MXIndexedRecordIO",
     "MXRecordIO",
     "RecordIOError",
+    "decode_flag",
+    "decode_length",
+    "encode_lrec",
     "encode_record",
     "pack",
     "pack_img",
@@ -69,10 +73,11 @@ __all__ = [
     "unpack_img",
 ]
 
-MAGIC = 0xCED7230A
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
-MAX_RECORD_LENGTH = (1 << 29) - 1  # dmlc-core: CHECK(size < (1 << 29)); lrec keeps the length in 29 bits
-_LEN_MASK = (1 << 29) - 1
+MAGIC = 0xCED7230A  # dmlc-core RecordIOWriter::kMagic; the one definition in packer
+MAGIC_BYTES = struct.pack("<I", MAGIC)  # b"\x0a\x23\xd7\xce": how every part starts on disk
+_LEN_BITS = 29  # lrec = cflag << 29 | length
+_LEN_MASK = (1 << _LEN_BITS) - 1
+MAX_RECORD_LENGTH = _LEN_MASK  # dmlc-core: CHECK(size < (1 << 29)); lrec keeps the length in 29 bits
 _PART_HEAD = struct.Struct("<II")
 _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # indexed by (-size) % 4
 
@@ -90,6 +95,24 @@ _NP_SCAN_MIN, _NP_SCAN_MAX = 256, 1 << 20  # where the numpy scan in _encode_par
 _FLUSH_BYTES = 1 << 20  # writer buffer size
 _MAX_CHUNKS = 1000  # below IOV_MAX (1024 on Linux): one writev per flush
 _writev = getattr(os, "writev", None)
+
+
+def encode_lrec(cflag: int, length: int) -> int:
+    """A part header's second word: continuation flag (0 whole, 1 first, 2 middle, 3 last) and data length.
+
+    dmlc-core ``RecordIOWriter::EncodeLRec``.
+    """
+    return cflag << _LEN_BITS | length
+
+
+def decode_flag(lrec: int) -> int:
+    """The continuation flag of a part header's ``lrec`` word (dmlc-core ``DecodeFlag``)."""
+    return lrec >> _LEN_BITS
+
+
+def decode_length(lrec: int) -> int:
+    """The data length of a part header's ``lrec`` word (dmlc-core ``DecodeLength``)."""
+    return lrec & _LEN_MASK
 
 
 class RecordIOError(ValueError, RuntimeError):
@@ -120,22 +143,22 @@ def _encode_parts(buf: Any) -> tuple[list[Any], int]:
         # Compare the aligned words at once: ~2x faster than bytes.find on a JPEG of a few KB.
         clean = not _count_nonzero(np.frombuffer(buf, _U32, size >> 2) == _MAGIC_U32)
     else:
-        hit = buf.find(_MAGIC_BYTES)  # C speed, no temporary array (records of many MB)
+        hit = buf.find(MAGIC_BYTES)  # C speed, no temporary array (records of many MB)
         clean = hit < 0 or hit >= size & ~3
     if clean:  # the common case: one part
-        return [_PART_HEAD.pack(MAGIC, size), buf, pad], 8 + size + len(pad)
+        return [_PART_HEAD.pack(MAGIC, encode_lrec(0, size)), buf, pad], 8 + size + len(pad)
     lower_align = size & ~3
-    hit = buf.find(_MAGIC_BYTES)  # the alignment logic below runs only on the rare records that hold the magic
+    hit = buf.find(MAGIC_BYTES)  # the alignment logic below runs only on the rare records that hold the magic
     out: list[Any] = []
     start = 0  # start of the current part's data (dmlc's dptr)
     while 0 <= hit < lower_align:
         if hit % 4 == 0:
-            out += (_PART_HEAD.pack(MAGIC, (1 if start == 0 else 2) << 29 | (hit - start)), buf[start:hit])
+            out += (_PART_HEAD.pack(MAGIC, encode_lrec(1 if start == 0 else 2, hit - start)), buf[start:hit])
             start = hit + 4
-            hit = buf.find(_MAGIC_BYTES, start)
+            hit = buf.find(MAGIC_BYTES, start)
         else:
-            hit = buf.find(_MAGIC_BYTES, hit + 1)
-    out += (_PART_HEAD.pack(MAGIC, (3 if start else 0) << 29 | (size - start)), buf[start:], pad)
+            hit = buf.find(MAGIC_BYTES, hit + 1)
+    out += (_PART_HEAD.pack(MAGIC, encode_lrec(3 if start else 0, size - start)), buf[start:], pad)
     return out, sum(map(len, out))
 
 
@@ -174,7 +197,7 @@ def _read_record(f: BinaryIO, offset: int | None = None) -> bytes | None:
     head = f.read(8)
     if len(head) == 8:
         magic, lrec = _PART_HEAD.unpack(head)
-        if magic == MAGIC and lrec >> 29 == 0:  # fast path: a record in one part
+        if magic == MAGIC and decode_flag(lrec) == 0:  # fast path: a record in one part
             padded = (lrec + 3) & ~3
             data = f.read(padded)
             if len(data) == padded:
@@ -202,7 +225,7 @@ def _read_record(f: BinaryIO, offset: int | None = None) -> bytes | None:
                 f"byte {pos}: expected RecordIO magic 0x{MAGIC:08x}, found 0x{magic:08x} (not a RecordIO file, "
                 "or an offset that does not point at a record)"
             )
-        cflag, length = lrec >> 29, lrec & _LEN_MASK
+        cflag, length = decode_flag(lrec), decode_length(lrec)
         if cflag not in ((2, 3) if chunks else (0, 1)):
             raise RecordIOError(
                 f"record at byte {offset}: part at byte {pos} has continuation flag {cflag} out of order"
@@ -217,7 +240,7 @@ def _read_record(f: BinaryIO, offset: int | None = None) -> bytes | None:
         chunks.append(data[:length])
         pos += 8 + padded
         if cflag in (0, 3):
-            return _MAGIC_BYTES.join(chunks)
+            return MAGIC_BYTES.join(chunks)
 
 
 def read_record_at(f: BinaryIO, offset: int) -> bytes:

@@ -8,17 +8,15 @@ the end of the file), so a false resync inside image data is practically impossi
 
 from __future__ import annotations
 
-import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from packer.recordio import MAGIC, RecordIOError, read_record_at
+from packer.recordio import MAGIC_BYTES, RecordIOError, read_record_at
 
 __all__ = ["Damage", "Record", "scan_rec"]
 
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
 _CHUNK = 1 << 20
 
 
@@ -60,7 +58,7 @@ def _valid_record_at(f: BinaryIO, pos: int, size: int) -> int | None:
     end = f.tell()
     if end == size:
         return end
-    return end if f.read(4) == _MAGIC_BYTES else None
+    return end if f.read(4) == MAGIC_BYTES else None
 
 
 def _resync(f: BinaryIO, start: int, size: int) -> int:
@@ -69,12 +67,12 @@ def _resync(f: BinaryIO, start: int, size: int) -> int:
     while pos < size:
         f.seek(pos)
         chunk = f.read(_CHUNK + 3)  # 3 extra bytes: a magic across the chunk boundary
-        hit = chunk.find(_MAGIC_BYTES)
+        hit = chunk.find(MAGIC_BYTES)
         while hit >= 0:
             cand = pos + hit
             if _valid_record_at(f, cand, size) is not None:
                 return cand
-            hit = chunk.find(_MAGIC_BYTES, hit + 1)
+            hit = chunk.find(MAGIC_BYTES, hit + 1)
         pos += _CHUNK
     return size
 
@@ -92,7 +90,7 @@ def scan_rec(f: BinaryIO, size: int, start: int = 0, *, crc: bool = False) -> It
             payload = read_record_at(f, offset)
         except RecordIOError as e:
             f.seek(offset)
-            starts_with_magic = f.read(4) == _MAGIC_BYTES
+            starts_with_magic = f.read(4) == MAGIC_BYTES
             nxt = _resync(f, offset + 1, size)
             yield Damage(offset, nxt, str(e), truncated=nxt == size and starts_with_magic)
             offset = nxt

@@ -33,15 +33,14 @@ import numpy as np
 
 from packer import crcfile
 from packer.errors import UserError
-from packer.fsutil import atomic_write
+from packer.fsutil import atomic_write, fsync_dir, sync_file
 from packer.reader import DatasetPaths, image_shape, is_meta_record, read_index, read_property, resolve_dataset
-from packer.recordio import MAGIC, IRHeader, RecordIOError, encode_record, pack, read_record_at, unpack
+from packer.recordio import MAGIC_BYTES, IRHeader, RecordIOError, encode_record, pack, read_record_at, unpack
 from packer.recscan import Damage, scan_rec
 
 __all__ = ["KEY_MODES", "ReindexResult", "reindex"]
 
 KEY_MODES = ("auto", "header", "layout", "sequential")
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
 
 
 @dataclass
@@ -78,7 +77,7 @@ def _scan(rec: Path, progress: bool) -> tuple[_Scanned, list[Damage], int]:
     damages: list[Damage] = []
     with open(rec, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size and f.read(4) != _MAGIC_BYTES:
+        if size and f.read(4) != MAGIC_BYTES:
             raise UserError(f"{rec} is not a RecordIO file (it does not start with the RecordIO magic)")
         bar = None
         if progress:
@@ -180,23 +179,10 @@ def _describe(rec: Path, d: Damage) -> str:
     with open(rec, "rb") as f:
         f.seek(d.start)
         head = f.read(8 + 24)
-    if len(head) == 32 and head[:4] == _MAGIC_BYTES:
+    if len(head) == 32 and head[:4] == MAGIC_BYTES:
         flag, label, rid, _ = struct.unpack("<IfQQ", head[8:])
         what += f" (header id {rid}, flag {flag}" + (f", label {label:g})" if flag == 0 else ")")
     return f"bytes {d.start}..{d.end} ({d.size} bytes): {what}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _repair(rec: Path, damages: list[Damage], size: int, notes: list[str]) -> list[Path]:
@@ -209,12 +195,10 @@ def _repair(rec: Path, damages: list[Damage], size: int, notes: list[str]) -> li
         with open(rec, "rb") as src, open(tail, "wb") as dst:
             src.seek(d.start)
             shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
+            sync_file(dst)
         with open(rec, "r+b") as f:
             f.truncate(d.start)
-            f.flush()
-            os.fsync(f.fileno())
+            sync_file(f)
         kept.append(tail)
         notes.append(f"cut {rec.name} to {d.start} bytes; the {d.size} dropped bytes are saved in {tail.name}")
         return kept
@@ -233,8 +217,7 @@ def _repair(rec: Path, damages: list[Damage], size: int, notes: list[str]) -> li
                 dst.write(chunk)
                 remaining -= len(chunk)
             pos = d.end
-        dst.flush()
-        os.fsync(dst.fileno())
+        sync_file(dst)
     _replace_keeping_original(rec, tmp, bak)
     kept.append(bak)
     notes.append(f"rewrote {rec.name} without the damaged bytes; the original is kept as {bak.name}")
@@ -250,7 +233,7 @@ def _replace_keeping_original(rec: Path, tmp: Path, bak: Path) -> None:
     except OSError:
         shutil.copy2(rec, bak)
     os.replace(tmp, rec)
-    _fsync_dir(rec.parent)
+    fsync_dir(rec.parent)
 
 
 def _write_idx(idx: Path, keys: list[int], offsets: list[int]) -> Path | None:
@@ -260,13 +243,7 @@ def _write_idx(idx: Path, keys: list[int], offsets: list[int]) -> Path | None:
     if idx.exists() and idx.read_bytes() != text:
         backup = idx.with_name(idx.name + ".bak")
         shutil.copy2(idx, backup)
-    tmp = idx.with_name(idx.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, idx)
-    _fsync_dir(idx.parent)
+    atomic_write(idx, text)
     return backup
 
 
@@ -410,16 +387,14 @@ def _rebuild_classic(
         with open(rec, "rb") as src, open(saved, "wb") as dst:
             src.seek(cut)
             shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
+            sync_file(dst)
         pos = cut
         with open(rec, "r+b") as f:
             f.truncate(cut)
             f.seek(cut)
             for data in meta_recs:
                 f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            sync_file(f)
         kept.append(saved)
         notes.append(
             f"cut {rec.name} after its last whole image record (byte {cut}); the {size - cut} bytes after it "
@@ -436,13 +411,11 @@ def _rebuild_classic(
                 offsets.append(pos)
                 entries.append(crcfile.entry(data))
                 pos += len(data)
-            dst.flush()
-            os.fsync(dst.fileno())
+            sync_file(dst)
         with open(tmp, "ab") as dst:
             for data in meta_recs:
                 dst.write(data)
-            dst.flush()
-            os.fsync(dst.fileno())
+            sync_file(dst)
         _replace_keeping_original(rec, tmp, bak)
         kept.append(bak)
         notes.append(f"rewrote {rec.name} from its {n} surviving image records; the original is kept as {bak.name}")

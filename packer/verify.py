@@ -38,7 +38,7 @@ from packer.reader import (
     resolve_dataset,
     style_of_flags,
 )
-from packer.recordio import MAGIC, RecordIOError, unpack
+from packer.recordio import MAGIC_BYTES, RecordIOError, unpack
 from packer.recscan import Damage, scan_rec
 
 __all__ = [
@@ -254,11 +254,12 @@ def verify_dataset(
 
     with open(paths.rec, "rb") as f:
         size = rep.rec_bytes = os.fstat(f.fileno()).st_size
-        if size and f.read(4) != MAGIC.to_bytes(4, "little"):
+        if size and f.read(4) != MAGIC_BYTES:
             f.seek(0)
             head = f.read(8)
             raise UserError(
-                f"{paths.rec} is not a RecordIO file (starts with {head.hex(' ')}, expected the magic 0a 23 d7 ce)"
+                f"{paths.rec} is not a RecordIO file (starts with {head.hex(' ')}, expected the magic "
+                f"{MAGIC_BYTES.hex(' ')})"
             )
         bar = _progress(size, progress)
         try:
@@ -375,7 +376,7 @@ def validate_index(path: str | os.PathLike, *, max_problems: int = 20) -> Verify
     l0, l1 = array("d"), array("d")
     with open(paths.rec, "rb") as f:
         size = rep.rec_bytes = os.fstat(f.fileno()).st_size
-        if size and f.read(4) != MAGIC.to_bytes(4, "little"):
+        if size and f.read(4) != MAGIC_BYTES:
             raise UserError(f"{paths.rec} is not a RecordIO file (it does not start with the RecordIO magic)")
         for o, i in zip(uniq_off.tolist(), first.tolist(), strict=True):
             k = int(idx_keys[i])
