@@ -45,7 +45,7 @@ def network_storage(paths: list[Path], a) -> list[str]:
     with a sleep before each read), for several file-reading thread counts (``reader_threads``)."""
     import gpu_align.decode.base as decode
 
-    real = decode.read_file
+    real = decode.read_image_file
 
     def slow_read(path, **kw):
         time.sleep(a.read_latency_ms / 1000)
@@ -59,7 +59,7 @@ def network_storage(paths: list[Path], a) -> list[str]:
         "| reader threads | files/s |",
         "| ---: | ---: |",
     ]
-    decode.read_file = slow_read
+    decode.read_image_file = slow_read
     try:
         for readers in (4, 8, decode.READER_THREADS, 32):
             with make_decoder("cpu", threads=a.threads, batch_size=a.batch, reader_threads=readers) as d:
@@ -70,7 +70,7 @@ def network_storage(paths: list[Path], a) -> list[str]:
             out.append(f"| {readers}{default} | {rate:,.0f} |")
             print(f"network storage, {readers} reader threads: {rate:,.0f} files/s")
     finally:
-        decode.read_file = real
+        decode.read_image_file = real
     return out
 
 

@@ -12,7 +12,7 @@ Every backend makes the same decisions, so a dataset built on GPU or CPU has the
 
 - Output: ``(H, W, 3) uint8`` RGB; grayscale is replicated to three channels, CMYK is converted, alpha is dropped.
 - EXIF orientation is applied (the photo is shown the way phone galleries show it), for every format.
-- Each file's header is parsed cheaply here before any decoding (:func:`probe_image`): empty, unreadable,
+- Each file's header is parsed cheaply before any decoding (:func:`packer.imageinfo.probe_image`): empty, unreadable,
   non-image, unsupported (GIF, TIFF, HEIC, ...), truncated and over-``max_pixels`` files are rejected up front with
   a reason, so one bad file never reaches (and aborts) a DALI batch. A truncated JPEG (no end-of-image marker
   after its scan data) is rejected as "truncated" rather than decoded to a half-grey image.
@@ -31,23 +31,18 @@ import warnings
 
 import torch
 
-from gpu_align.decode.base import (
+from gpu_align.decode.base import DecodedBatch, DecodeError, Decoder, Loaded, check_jpeg_data, jpeg_damage
+from gpu_align.device import check_device
+from gpu_align.errors import DecoderError
+from packer.imageinfo import (
     CORRUPT,
     DEFAULT_MAX_PIXELS,
     FAILURE_CATEGORIES,
     TOO_LARGE,
-    DecodedBatch,
-    DecodeError,
-    Decoder,
     ImageInfo,
-    Loaded,
-    check_jpeg_data,
     failure_category,
-    jpeg_damage,
     probe_image,
 )
-from gpu_align.device import check_device
-from packer.errors import UserError
 
 __all__ = [
     "CORRUPT",
@@ -99,9 +94,9 @@ def make_decoder(
     ("too large") from their header, before decoding. ``options``: ``max_batch_pixels``, ``prefetch``,
     ``reader_threads`` (file-reading threads, default :data:`READER_THREADS`; I/O bound), and for
     DALI ``hw_decoder_load``, ``preallocate_width_hint``, ``preallocate_height_hint``, ``check_jpeg``.
-    Raises :class:`UserError` for an unknown kind, a CUDA device without CUDA, or ``kind="dali"`` without a
-    working DALI; with ``"auto"`` a DALI that fails to start (e.g. built for another CUDA) falls back to the CPU
-    decoder with a warning.
+    Raises :class:`~gpu_align.errors.DecoderError` for an unknown kind or ``kind="dali"`` without a working DALI
+    (a CUDA device without CUDA: :class:`~gpu_align.errors.DeviceError`); with ``"auto"`` a DALI that fails to
+    start (e.g. built for another CUDA) falls back to the CPU decoder with a warning.
     """
     dev = check_device(device, "decode device")  # also cuda:N beyond the visible devices
     auto = kind == "auto"
@@ -110,14 +105,16 @@ def make_decoder(
     common = dict(device=dev, threads=threads, batch_size=batch_size, max_pixels=max_pixels)
     if kind == "dali":
         if not dali_available():
-            raise UserError("decoder 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or use --decoder cpu)")
+            raise DecoderError(
+                "decoder 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or use --decoder cpu)"
+            )
         from gpu_align.decode.dali import DaliDecoder
 
         try:
             return DaliDecoder(**common, **options)
         except RuntimeError as e:  # e.g. a DALI wheel built for another CUDA major version than the driver's
             if not auto:
-                raise UserError(f"DALI could not start on {dev}: {str(e).strip().splitlines()[0]}") from None
+                raise DecoderError(f"DALI could not start on {dev}: {str(e).strip().splitlines()[0]}") from None
             warnings.warn(f"DALI could not start on {dev} ({e}); decoding on the CPU instead", stacklevel=2)
             kind = "cpu"
     if kind == "cpu":
@@ -125,4 +122,4 @@ def make_decoder(
 
         # DALI tuning options are accepted and ignored here, so callers can pass them whatever "auto" picks
         return CpuDecoder(**common, **{k: v for k, v in options.items() if k not in _DALI_ONLY})
-    raise UserError(f"unknown decoder {kind!r}; choose auto, dali or cpu")
+    raise DecoderError(f"unknown decoder {kind!r}; choose auto, dali or cpu")

@@ -13,7 +13,8 @@ import io
 import numpy as np
 import torch
 
-from gpu_align.decode.base import CORRUPT, TOO_LARGE, DecodeError, Decoder, ImageInfo, Loaded, jpeg_damage, probe_image
+from gpu_align.decode.base import DecodeError, Decoder, Loaded, jpeg_damage
+from packer.imageinfo import CORRUPT, TOO_LARGE, ImageInfo, probe_image
 
 
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:

@@ -27,9 +27,10 @@ import warnings
 import numpy as np
 import torch
 
-from gpu_align.decode.base import CORRUPT, DecodeError, Decoder, Loaded, check_jpeg_data
+from gpu_align.decode.base import DecodeError, Decoder, Loaded, check_jpeg_data
 from gpu_align.decode.cpu import decode_bytes
 from gpu_align.device import is_out_of_memory, oom_message
+from packer.imageinfo import CORRUPT
 
 
 def _dali_reason(error: Exception) -> str:

@@ -25,7 +25,7 @@ import simplejpeg
 
 from packer.errors import UserError
 from packer.fsutil import atomic_write
-from packer.imageinfo import NotRegularFileError, TooBigError, image_info, read_regular_file
+from packer.imageinfo import ImageError, NotRegularFileError, TooBigError, image_format, probe_image, read_regular_file
 from packer.layout import LABEL_STYLES, LAYOUTS, DatasetWriter, PackItem, WriteSummary
 from packer.lst import LstEntry, read_lst
 from packer.reader import decode_image
@@ -76,10 +76,8 @@ def _check_crop(data: bytes, fmt: str) -> str | None:
 
     A cut-off file is ``truncated``; damaged data, also where libjpeg-turbo recovers and only warns, ``corrupt``.
     """
-    if fmt == "png" and data.rfind(b"IEND", 33) < 0:
-        return f"truncated: PNG has no IEND chunk ({len(data)} bytes)"
     try:
-        if fmt == "jpeg":
+        if fmt == "JPEG":
             try:  # grey output: the same entropy decoding (where damage shows), no colour conversion
                 simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
             except ValueError:
@@ -117,17 +115,23 @@ def _load(entry: LstEntry, root: str, size: tuple[int, int]) -> PackItem:
     except OSError as e:
         item.skip_reason = f"unreadable: {e.strerror}"
         return item
-    info = image_info(data)
     if not data:
         item.skip_reason = "not an image: empty file"
-    elif info is None:
+        return item
+    if image_format(data) not in ("JPEG", "PNG"):
         item.skip_reason = f"not an image: no JPEG or PNG header (starts with {data[:8].hex(' ')})"
-    elif (info[2], info[1]) != size:
+        return item
+    try:
+        info = probe_image(data)  # the decoders' header probe: size, and cut-off files caught before decoding
+    except ImageError as e:
+        item.skip_reason = str(e)
+        return item
+    if (info.height, info.width) != size:
         item.skip_reason = (
-            f"wrong size: {info[1]}x{info[2]}, expected {size[1]}x{size[0]} (--image-size); "
+            f"wrong size: {info.width}x{info.height}, expected {size[1]}x{size[0]} (--image-size); "
             "photos that are not aligned crops need `gpu-align run`"
         )
-    elif (bad := _check_crop(data, info[0])) is not None:
+    elif (bad := _check_crop(data, info.format)) is not None:
         item.skip_reason = bad
     else:
         item.body = data
