@@ -12,7 +12,7 @@ import os
 import zlib
 from pathlib import Path
 
-from packer.errors import UserError
+from gpu_align.errors import UserError
 from packer.layout import STATE_NAME
 
 INPUTS_NAME = "run.inputs.jsonl.gz"
