@@ -9,7 +9,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -100,6 +100,11 @@ READER_THREADS = 16
 class Decoder(ABC):
     """Turns ``(index, path)`` items into :class:`DecodedBatch` es; never raises for a bad file.
 
+    An item may also be ``(index, path, data)``: ``data`` is the input's bytes, or a callable returning them
+    (called in a reader thread; it raises :class:`DecodeError` for an input that cannot be read). That is how
+    archive members (``archive.tar.gz::train/n1/0001_01.jpg``, never a file on disk) reach the decoder; ``path``
+    then only names the input in failures. Plain ``(index, path)`` items are read from disk as before.
+
     Inputs are taken ``batch_size`` at a time; each such chunk yields one batch (more when its decoded pixels
     exceed ``max_batch_pixels``), so ``len(indices) + len(failures)`` over a chunk's batches equals its size.
     Files of the next ``prefetch`` chunks are read (and, on the CPU backend, decoded) by the thread pool while
@@ -140,6 +145,7 @@ class Decoder(ABC):
             ready.wait()
         self._pool = ThreadPoolExecutor(self._loader_threads(), thread_name_prefix="decode")
         self._read_ahead: dict[int, bytes | Exception] = {}  # index -> bytes read by a reader thread
+        self._given: dict[int, bytes | Callable[[], bytes]] = {}  # index -> data of an (index, path, data) item
 
     def _loader_threads(self) -> int:
         return self.threads
@@ -158,15 +164,22 @@ class Decoder(ABC):
         """The file's bytes: those a reader thread fetched for ``index`` (see :meth:`_read_then_load`), else read."""
         got = self._read_ahead.pop(index, None)
         if got is None:
-            return read_image_file(path, max_pixels=self.max_pixels)
+            return self._fetch(index, path)
         if isinstance(got, Exception):
             raise got
         return got
 
+    def _fetch(self, index: int, path: str) -> bytes:
+        """One input's bytes: its given data (bytes, or a callable returning them), else the file at ``path``."""
+        given = self._given.pop(index, None)
+        if given is None:
+            return read_image_file(path, max_pixels=self.max_pixels)
+        return given() if callable(given) else given
+
     def _read_then_load(self, index: int, path: str) -> Future[Loaded]:
         """Reader thread: read the file, then queue its :meth:`_load` on the loader pool; returns that future."""
         try:
-            self._read_ahead[index] = read_image_file(path, max_pixels=self.max_pixels)
+            self._read_ahead[index] = self._fetch(index, path)
         except Exception as e:  # re-raised by _read inside _load, which reports it as for a direct read
             self._read_ahead[index] = e
         return self._pool.submit(self._load, index, path)
@@ -187,8 +200,8 @@ class Decoder(ABC):
         """The result of :meth:`_decode` for ``items`` whose decode :meth:`_start` started. Default: decode now."""
         return self._decode(items)
 
-    def batches(self, items: Iterable[tuple[int, str | os.PathLike]]) -> Iterator[DecodedBatch]:
-        """Decode ``(global index, path)`` items in order; see the class docstring for how batches are formed.
+    def batches(self, items: Iterable[tuple]) -> Iterator[DecodedBatch]:
+        """Decode ``(global index, path[, data])`` items in order; see the class docstring for how batches are formed.
 
         With ``overlap`` (DALI), the decode of batch N+1 is started before batch N is yielded, so the device
         decodes it while the caller detects batch N; the loader pool then reads one more chunk ahead.
@@ -207,7 +220,7 @@ class Decoder(ABC):
             yield self._complete(*cur, result)
             cur = nxt
 
-    def _groups(self, items: Iterable[tuple[int, str | os.PathLike]]) -> Iterator[tuple[list[Loaded], list]]:
+    def _groups(self, items: Iterable[tuple]) -> Iterator[tuple[list[Loaded], list]]:
         """Loaded items in decode groups (chunks split by pixel budget), each with the failures to report first."""
         it = iter(items)
         pending: deque[list[Future[Future[Loaded]]]] = deque()
@@ -219,10 +232,13 @@ class Decoder(ABC):
                 if not chunk:
                     exhausted = True
                     break
+                for x in chunk:  # (index, path, data): the data is read from there, not from path
+                    if len(x) > 2:
+                        self._given[int(x[0])] = x[2]
                 if self.reader_threads > self._loader_threads():
-                    pending.append([self._readers.submit(self._read_then_load, int(i), p) for i, p in chunk])
+                    pending.append([self._readers.submit(self._read_then_load, int(i), p) for i, p, *_ in chunk])
                 else:  # no more readers than loaders: the loaders read themselves (no thread hop per file)
-                    pending.append([_done(self._pool.submit(self._load, int(i), p)) for i, p in chunk])
+                    pending.append([_done(self._pool.submit(self._load, int(i), p)) for i, p, *_ in chunk])
             if not pending:
                 return
             loaded = [f.result().result() for f in pending.popleft()]
@@ -254,6 +270,7 @@ class Decoder(ABC):
         self._readers.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._read_ahead.clear()
+        self._given.clear()
 
     def __enter__(self) -> Decoder:
         return self
