@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,11 @@ from packer.channel import PackerClient, WriterSettings
 from packer.layout import STATE_NAME
 from packer.report_html import write_report_html_or_warn
 
-__all__ = ["run"]
+__all__ = ["Progress", "run"]
+
+# ``progress(done, total, counts)``: inputs handled so far (a resume's skipped ones included) of ``total``, and this
+# invocation's counts (found/center/missed/failed). Called once when the writer is open, then after every batch.
+Progress = Callable[[int, int, dict[str, int]], None]
 
 
 def _start_packer(opts: RunOptions, source: Source, fingerprint: str) -> PackerClient:
@@ -78,6 +83,7 @@ def _align_all(
     packer: PackerClient,
     times: StageTimes,
     counts: dict[str, int],
+    progress: Progress | None = None,
 ) -> int:
     """Decode, align and send every input from ``done`` on; returns how many were sent."""
     if done >= len(items):
@@ -106,22 +112,30 @@ def _align_all(
                     bad=counts["failed"],
                     refresh=False,
                 )
+                if progress is not None:
+                    progress(done + processed, len(items), dict(counts))
 
 
-def run(opts: RunOptions) -> RunResult:
+def run(opts: RunOptions, *, source: Source | None = None, progress: Progress | None = None) -> RunResult:
     """Run the whole pipeline; returns what it did. Raises :class:`UserError` for anything the user can fix.
 
     Ctrl-C (KeyboardInterrupt) stops cleanly: the packer stops at its next input and keeps everything committed
     for ``resume``, and the KeyboardInterrupt is re-raised (``gpu-align run`` then prints how to continue).
+
+    ``source``: the inputs already scanned (what ``scan_source`` returns for ``opts``), so that a driver that cut
+    one scan into shards (:mod:`gpu_align.scale`) does not make every shard scan the whole tree again.
+    ``progress``: see :data:`Progress`; a KeyboardInterrupt raised in it stops the run like Ctrl-C (how a Ray
+    worker is asked to stop cleanly).
     """
     t_start = time.perf_counter()
     device = resolve_device(opts.device)
     check_options(opts, device)
     times = StageTimes()
     # scan: the inputs, fixed (and checked against an interrupted run's) before anything is written
-    source = scan_source(
-        opts.src, min_images=opts.min_images, shard=opts.shard, limit=opts.limit, lst_root=opts.lst_root
-    )
+    if source is None:
+        source = scan_source(
+            opts.src, min_images=opts.min_images, shard=opts.shard, limit=opts.limit, lst_root=opts.lst_root
+        )
     records = source.input_records()
     fingerprint = source.fingerprint(records)
     out = Path(opts.out)
@@ -139,7 +153,9 @@ def run(opts: RunOptions) -> RunResult:
             done = packer.ready()
             if not known and (out / STATE_NAME).is_file():  # unfinished from here on: keep the per-input detail
                 write_inputs(out, fingerprint, records)
-            processed = _align_all(opts, items, done, decoder, aligner, packer, times, counts)
+            if progress is not None:
+                progress(done, len(items), dict(counts))
+            processed = _align_all(opts, items, done, decoder, aligner, packer, times, counts, progress)
             extra = run_report(opts, device, decoder, source, done, processed, counts, times, t_start)
             finished = packer.finish(extra)
         except BaseException:  # Ctrl-C included: the packer keeps everything committed, resumable
