@@ -43,6 +43,25 @@ def photo_path():
 
 
 @pytest.fixture(scope="session")
+def photos_rgb() -> dict[str, np.ndarray]:
+    """Every shipped photo (faces, scenes without faces, the 14×25 GIF), name -> (H, W, 3) uint8 RGB, read-only.
+
+    Loaded once per session for all test files; messi (Debian's opencv-doc) is left out where it is not installed,
+    a missing photo of the other packages fails. Tests pick photos by name (see gpu_align.demo.photos).
+    """
+    out = {}
+    for name in (*photos.FACE_PHOTOS, *photos.NON_FACE_PHOTOS, "tiny"):
+        try:
+            _photo_path(name)
+        except pytest.skip.Exception:
+            continue
+        img = photos.load_rgb(name)
+        img.setflags(write=False)  # shared by every test: a test that writes into it fails instead of leaking
+        out[name] = img
+    return out
+
+
+@pytest.fixture(scope="session")
 def load_photo():
     """``load_photo(name)`` -> (H, W, 3) uint8 RGB numpy array of a shipped photo."""
 

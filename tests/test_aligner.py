@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import ClassVar, NamedTuple
 
 import cv2
@@ -23,15 +22,6 @@ FACE_PHOTOS = ("astronaut", "camera", "t1", "tom_hanks", "messi")
 @pytest.fixture(scope="module")
 def aligner() -> FaceAligner:
     return FaceAligner()  # dataset defaults: MTCNN, center-largest, min_face_rel 0.1, floor 0.9, raw landmarks
-
-
-@pytest.fixture(scope="module")
-def photos_rgb(load_photo) -> dict[str, np.ndarray]:
-    out = {}
-    for name in (*FACE_PHOTOS, "coffee", "rocket", "tiny"):
-        with contextlib.suppress(pytest.skip.Exception):  # messi is optional (opencv-doc)
-            out[name] = load_photo(name)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_align.demo import photos
 from gpu_align.detect import make_detector
 from gpu_align.detect.base import Detections
 from gpu_align.detect.cascade import MISS_NO_CASCADE_BOX, MISS_ONET_REJECTED, CascadeDetector
@@ -51,35 +50,30 @@ def detector() -> CascadeDetector:
 
 
 @pytest.fixture(scope="module")
-def images(load_photo) -> dict[str, np.ndarray]:
-    names = [n for n in (*photos.FACE_PHOTOS, *photos.NON_FACE_PHOTOS, "tiny") if n in photos.available()]
-    return {n: load_photo(n) for n in names}
-
-
-@pytest.fixture(scope="module")
-def found(detector, images) -> dict[str, tuple[Detections, int, str | None]]:
+def found(detector, photos_rgb) -> dict[str, tuple[Detections, int, str | None]]:
     """One-image calls: detections, cascade box count, miss reason."""
     out = {}
-    for name, im in images.items():
+    for name, im in photos_rgb.items():
         d = detector.detect([im], min_face_sizes=[_min_face(im)])[0]
         out[name] = (d, detector.last_box_counts[0], detector.last_miss_reasons[0])
     return out
 
 
 @pytest.fixture(scope="module")
-def reference(detector, images) -> dict[str, Detections]:
+def reference(detector, photos_rgb) -> dict[str, Detections]:
     """MTCNN's confident faces (the same O-Net weights, via the cascade detector's MTCNN)."""
     m = detector.mtcnn
     return {
-        n: _confident(m.detect([im], min_face_sizes=[_min_face(im)])[0], MTCNN.score_floor) for n, im in images.items()
+        n: _confident(m.detect([im], min_face_sizes=[_min_face(im)])[0], MTCNN.score_floor)
+        for n, im in photos_rgb.items()
     }
 
 
 @pytest.fixture(scope="module")
-def rnet_output(detector, images):
+def rnet_output(detector, photos_rgb):
     """MTCNN's R-Net boxes (the O-Net inputs of ``detect``) for photos of different sizes."""
     m = detector.mtcnn
-    ims = [images[n] for n in ("astronaut", "t1", "tom_hanks", "camera")]
+    ims = [photos_rgb[n] for n in ("astronaut", "t1", "tom_hanks", "camera")]
     tensors = [torch.from_numpy(im.copy()) for im in ims]
     ii = integral_images(tensors)
     plan = plan_pyramid([t.shape[:2] for t in tensors], [20.0] * len(ims), m.scale_factor, page_side=512)
@@ -106,31 +100,31 @@ class TestOnetOnBoxes:
             torch.testing.assert_close(g.boxes, e.boxes, atol=1e-3, rtol=0)
             torch.testing.assert_close(g.landmarks, e.landmarks, atol=1e-3, rtol=0)
 
-    def test_a_box_on_a_non_face_is_rejected(self, detector, images):
-        coffee = images["coffee"]
+    def test_a_box_on_a_non_face_is_rejected(self, detector, photos_rgb):
+        coffee = photos_rgb["coffee"]
         d = detector.mtcnn.onet_on_boxes([coffee], torch.tensor([[200.0, 100.0, 300.0, 200.0]]), torch.tensor([0]))
         assert d[0].boxes.shape == (0, 4) and d[0].landmarks.shape == (0, 5, 2)
 
-    def test_no_boxes_and_boxes_outside_give_empty_detections(self, detector, images):
-        ims = [images["astronaut"], images["coffee"]]
+    def test_no_boxes_and_boxes_outside_give_empty_detections(self, detector, photos_rgb):
+        ims = [photos_rgb["astronaut"], photos_rgb["coffee"]]
         empty = detector.mtcnn.onet_on_boxes(ims, torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.int64))
         outside = detector.mtcnn.onet_on_boxes(ims, torch.tensor([[900.0, 900.0, 950.0, 950.0]]), torch.tensor([1]))
         for d in (*empty, *outside):
             assert d.boxes.shape == (0, 4) and d.scores.shape == (0,) and d.landmarks.shape == (0, 5, 2)
 
-    def test_bad_arguments_raise(self, detector, images):
+    def test_bad_arguments_raise(self, detector, photos_rgb):
         with pytest.raises(ValueError, match="2 boxes but 1 image indices"):
-            detector.mtcnn.onet_on_boxes([images["astronaut"]], torch.zeros((2, 4)), torch.tensor([0]))
+            detector.mtcnn.onet_on_boxes([photos_rgb["astronaut"]], torch.zeros((2, 4)), torch.tensor([0]))
         with pytest.raises(ValueError, match="out of range"):
-            detector.mtcnn.onet_on_boxes([images["astronaut"]], torch.zeros((1, 4)), torch.tensor([1]))
+            detector.mtcnn.onet_on_boxes([photos_rgb["astronaut"]], torch.zeros((1, 4)), torch.tensor([1]))
 
 
 class TestFacesFound:
     """Every face MTCNN finds on the shipped photos, with landmarks close to MTCNN's."""
 
     @pytest.mark.parametrize("name", sorted(FACES))
-    def test_face_photo(self, name, found, reference, images):
-        if name not in images:
+    def test_face_photo(self, name, found, reference, photos_rgb):
+        if name not in photos_rgb:
             pytest.skip(f"{name} not installed")
         d, _, reason = found[name]
         d = _confident(d, CascadeDetector.score_floor)
@@ -178,17 +172,17 @@ class TestNonFaceScenes:
 
 
 class TestTinyImage:
-    def test_smaller_than_the_window_gives_no_face(self, detector, images):
-        tiny = images["tiny"]
+    def test_smaller_than_the_window_gives_no_face(self, detector, photos_rgb):
+        tiny = photos_rgb["tiny"]
         d = detector.detect([tiny])[0]
         assert d.boxes.shape == (0, 4) and d.landmarks.shape == (0, 5, 2)
         assert detector.last_miss_reasons == [MISS_NO_CASCADE_BOX]
 
 
 class TestBatch:
-    def test_mixed_sizes_equal_one_at_a_time(self, detector, images, found):
+    def test_mixed_sizes_equal_one_at_a_time(self, detector, photos_rgb, found):
         names = ["astronaut", "tiny", "t1", "coffee", "tom_hanks"]
-        ims = [images[n] for n in names]
+        ims = [photos_rgb[n] for n in names]
         batch = detector.detect(ims, min_face_sizes=[_min_face(im) for im in ims])
         for name, got in zip(names, batch, strict=True):
             one = found[name][0]
@@ -198,8 +192,8 @@ class TestBatch:
         assert detector.last_box_counts == [found[n][1] for n in names]
         assert detector.last_miss_reasons == [found[n][2] for n in names]
 
-    def test_torch_input_and_empty_batch(self, detector, images, found):
-        d = detector.detect([torch.from_numpy(images["tom_hanks"].copy())], min_face_sizes=[20.0])[0]
+    def test_torch_input_and_empty_batch(self, detector, photos_rgb, found):
+        d = detector.detect([torch.from_numpy(photos_rgb["tom_hanks"].copy())], min_face_sizes=[20.0])[0]
         torch.testing.assert_close(d.landmarks, found["tom_hanks"][0].landmarks, atol=1e-4, rtol=0)
         assert detector.detect([], min_face_sizes=[]) == []
 
@@ -207,12 +201,12 @@ class TestBatch:
 class TestDownscale:
     """The cascade scans a copy downscaled so the smallest wanted face maps to its 24 px window."""
 
-    def test_large_photo_is_downscaled(self, detector, images):
-        gray, s = detector._scan_image(torch.from_numpy(images["astronaut"].copy()), 51.2)
+    def test_large_photo_is_downscaled(self, detector, photos_rgb):
+        gray, s = detector._scan_image(torch.from_numpy(photos_rgb["astronaut"].copy()), 51.2)
         assert s == pytest.approx(24 * 1.2 / 51.2) and gray.shape == (288, 288) and gray.dtype == np.float32
 
-    def test_small_faces_are_never_upscaled(self, detector, images):
-        gray, s = detector._scan_image(torch.from_numpy(images["tom_hanks"].copy()), 20.0)
+    def test_small_faces_are_never_upscaled(self, detector, photos_rgb):
+        gray, s = detector._scan_image(torch.from_numpy(photos_rgb["tom_hanks"].copy()), 20.0)
         assert s == 1.0 and gray.shape == (112, 112)
 
 

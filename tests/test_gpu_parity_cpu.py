@@ -35,11 +35,6 @@ from tests.badfiles import make_bad_files
 needs_dali = pytest.mark.skipif(not dali_available(), reason="needs nvidia-dali")
 
 
-@pytest.fixture(scope="module")
-def photos_rgb(load_photo) -> dict[str, np.ndarray]:
-    return {n: load_photo(n) for n in ("astronaut", "t1", "tom_hanks", "camera", "coffee")}
-
-
 @pytest.fixture
 def tf32_on():
     """The user's process with TF32 allowed everywhere (torch's cuDNN default, plus matmuls); restored after."""

@@ -27,15 +27,9 @@ def detector() -> MTCNN:
 
 
 @pytest.fixture(scope="module")
-def images(load_photo) -> dict[str, np.ndarray]:
-    names = [n for n in (*photos.FACE_PHOTOS, *photos.NON_FACE_PHOTOS, "tiny") if n in photos.available()]
-    return {n: load_photo(n) for n in names}
-
-
-@pytest.fixture(scope="module")
-def single(detector, images) -> dict[str, Detections]:
+def single(detector, photos_rgb) -> dict[str, Detections]:
     """One-image calls: the baseline the batched calls must equal."""
-    return {name: detector.detect([im])[0] for name, im in images.items()}
+    return {name: detector.detect([im])[0] for name, im in photos_rgb.items()}
 
 
 def _confident(d: Detections, thr: float = 0.9) -> Detections:
@@ -71,8 +65,8 @@ def test_missing_weights_say_how_to_install(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", sorted(FACES))
-def test_every_face_found_with_high_score(name, single, images):
-    if name not in images:
+def test_every_face_found_with_high_score(name, single, photos_rgb):
+    if name not in photos_rgb:
         pytest.skip(f"{name} not installed")
     d = _confident(single[name])
     assert len(d.scores) == FACES[name], d.scores
@@ -89,7 +83,7 @@ def test_every_face_found_with_high_score(name, single, images):
             assert int(inside.sum()) == 1, (cx, cy)
     else:  # one face: the box is face-sized (from 1/15 of the short side, messi, to all of it, tom_hanks)
         side = float(b[0, 2] - b[0, 0])
-        short = min(images[name].shape[:2])
+        short = min(photos_rgb[name].shape[:2])
         assert short / 15 < side < short * 1.2
 
 
@@ -123,22 +117,22 @@ def test_t1_reports_the_known_weak_detections(single):
 # --- batching, input types, edge cases ----------------------------------------------------------------------------
 
 
-def test_batched_mixed_sizes_equal_single_calls(detector, images, single):
-    names = list(images)
-    batched = detector.detect([images[n] for n in names])
+def test_batched_mixed_sizes_equal_single_calls(detector, photos_rgb, single):
+    names = list(photos_rgb)
+    batched = detector.detect([photos_rgb[n] for n in names])
     assert len(batched) == len(names)
     for name, d in zip(names, batched, strict=True):
         _assert_same(d, single[name])
     # Another order, with a repeated image, gives the same per-image results.
     order = [*reversed(names), names[0]]
-    for name, d in zip(order, detector.detect([images[n] for n in order]), strict=True):
+    for name, d in zip(order, detector.detect([photos_rgb[n] for n in order]), strict=True):
         _assert_same(d, single[name])
 
 
-def test_numpy_and_torch_inputs_agree(detector, images):
+def test_numpy_and_torch_inputs_agree(detector, photos_rgb):
     names = ["astronaut", "tom_hanks", "tiny"]
-    from_numpy = detector.detect([images[n] for n in names])
-    tensors = [torch.from_numpy(images[n].copy()) for n in names]
+    from_numpy = detector.detect([photos_rgb[n] for n in names])
+    tensors = [torch.from_numpy(photos_rgb[n].copy()) for n in names]
     tensors[1] = tensors[1].permute(1, 0, 2).permute(1, 0, 2)  # a non-contiguous view is fine too
     for a, b in zip(from_numpy, detector.detect(tensors), strict=True):
         assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
@@ -153,19 +147,19 @@ def test_outputs_are_float32_on_the_detector_device(single):
     assert bool((d.scores[:-1] >= d.scores[1:]).all())  # descending score
 
 
-def test_images_too_small_give_empty_detections(detector, images):
+def test_images_too_small_give_empty_detections(detector, photos_rgb):
     # The 14×25 GIF crashes facenet-pytorch's MTCNN; here it is simply "no face", alone or in a batch.
     blank = np.zeros((0, 5, 3), np.uint8)
-    out = detector.detect([images["tiny"], blank, np.zeros((11, 300, 3), np.uint8)])
+    out = detector.detect([photos_rgb["tiny"], blank, np.zeros((11, 300, 3), np.uint8)])
     assert [len(d.scores) for d in out] == [0, 0, 0]
     assert out[0].boxes.shape == (0, 4) and out[0].landmarks.shape == (0, 5, 2)
-    mixed = detector.detect([images["tiny"], images["astronaut"]])
+    mixed = detector.detect([photos_rgb["tiny"], photos_rgb["astronaut"]])
     assert len(mixed[0].scores) == 0 and len(mixed[1].scores) == 1
     assert detector.detect([]) == []
 
 
-def test_min_face_sizes_skip_small_faces_per_image(detector, images, single):
-    t1 = images["t1"]
+def test_min_face_sizes_skip_small_faces_per_image(detector, photos_rgb, single):
+    t1 = photos_rgb["t1"]
     # t1's faces are 93-120 px wide: a 300 px minimum finds none of them; None entries mean the default.
     out = detector.detect([t1, t1], min_face_sizes=[300, None])
     assert not (out[0].scores > 0.9).any()
@@ -189,10 +183,10 @@ def test_bad_inputs_get_clear_errors(detector):
         detector.detect([np.zeros((8, 8, 3), np.uint8)], min_face_sizes=0)
 
 
-def test_work_sizes_and_paths_do_not_change_results(detector, images, single):
+def test_work_sizes_and_paths_do_not_change_results(detector, photos_rgb, single):
     # Tiny pages (every level alone), one page per P-Net call, small crop batches, the CUDA default
     # one-gather resampling, channels-last: all the same detections.
-    batch = [images["t1"][:480, :720], images["tom_hanks"], images["camera"]]  # t1 crop: 3 faces
+    batch = [photos_rgb["t1"][:480, :720], photos_rgb["tom_hanks"], photos_rgb["camera"]]  # t1 crop: 3 faces
     expected = detector.detect(batch)
     assert int((expected[0].scores > 0.9).sum()) == 3
     for options in (
@@ -204,9 +198,9 @@ def test_work_sizes_and_paths_do_not_change_results(detector, images, single):
             _assert_same(got, want)
 
 
-def test_half_precision_networks_find_the_same_faces(images, single):
+def test_half_precision_networks_find_the_same_faces(photos_rgb, single):
     # float16 is meant for CUDA; on CPU it is slow but exercises the same code (box arithmetic stays float32).
-    d = MTCNN(dtype=torch.float16).detect([images["astronaut"]])[0]
+    d = MTCNN(dtype=torch.float16).detect([photos_rgb["astronaut"]])[0]
     assert d.scores.dtype == torch.float32
     torch.testing.assert_close(d.boxes, single["astronaut"].boxes, atol=0.5, rtol=0)
 
@@ -215,12 +209,12 @@ def test_half_precision_networks_find_the_same_faces(images, single):
 
 
 @pytest.mark.parametrize("name", [*photos.FACE_PHOTOS, *photos.NON_FACE_PHOTOS])
-def test_matches_facenet_pytorch_detect_face(name, images, single):
+def test_matches_facenet_pytorch_detect_face(name, photos_rgb, single):
     from gpu_align.detect.mtcnn.reference import reference_detect
 
-    if name not in images:
+    if name not in photos_rgb:
         pytest.skip(f"{name} not installed")
-    boxes, scores, landmarks = reference_detect(images[name])
+    boxes, scores, landmarks = reference_detect(photos_rgb[name])
     ours = single[name]
     assert len(ours.scores) == len(scores)
     np.testing.assert_allclose(ours.boxes.numpy(), boxes, atol=1e-3, rtol=0)
@@ -228,10 +222,10 @@ def test_matches_facenet_pytorch_detect_face(name, images, single):
     np.testing.assert_allclose(ours.landmarks.numpy(), landmarks, atol=1e-3, rtol=0)
 
 
-def test_matches_facenet_pytorch_with_other_settings(images):
+def test_matches_facenet_pytorch_with_other_settings(photos_rgb):
     from gpu_align.detect.mtcnn.reference import reference_detect
 
-    im = images["messi"] if "messi" in images else images["astronaut"]
+    im = photos_rgb["messi"] if "messi" in photos_rgb else photos_rgb["astronaut"]
     boxes, scores, landmarks = reference_detect(im, min_face_size=40, thresholds=(0.5, 0.6, 0.6), factor=0.6)
     d = MTCNN(min_face_size=40, thresholds=(0.5, 0.6, 0.6), scale_factor=0.6).detect([im])[0]
     assert len(d.scores) == len(scores)
@@ -239,7 +233,7 @@ def test_matches_facenet_pytorch_with_other_settings(images):
     np.testing.assert_allclose(d.landmarks.numpy(), landmarks, atol=1e-3, rtol=0)
     # facenet-pytorch itself crashes on the tiny GIF (why the guard exists).
     with pytest.raises(ValueError):
-        reference_detect(images["tiny"])
+        reference_detect(photos_rgb["tiny"])
 
 
 # --- parts: NMS, resampling, atlas --------------------------------------------------------------------------------
@@ -292,9 +286,9 @@ def test_nms_long_suppression_chain():
     assert keep.tolist() == list(range(0, 60, 2))
 
 
-def test_crop_resampling_equals_interpolate_area(images):
-    im = images["astronaut"]
-    ii = integral_images([torch.from_numpy(images["tom_hanks"].copy()), torch.from_numpy(im.copy())])
+def test_crop_resampling_equals_interpolate_area(photos_rgb):
+    im = photos_rgb["astronaut"]
+    ii = integral_images([torch.from_numpy(photos_rgb["tom_hanks"].copy()), torch.from_numpy(im.copy())])
     regions = [(0, 0, 512, 512), (100, 150, 7, 30), (200, 10, 101, 53), (511, 511, 1, 1), (3, 400, 90, 24)]
     y0, x0, h, w = (torch.tensor(v) for v in zip(*regions, strict=True))
     for size in (24, 48):
@@ -305,8 +299,10 @@ def test_crop_resampling_equals_interpolate_area(images):
             assert torch.equal(got[k], want), (size, regions[k])
 
 
-def test_pyramid_resampling_paths_equal_interpolate_area(images):
-    tensors = [torch.from_numpy(images[n].copy()) for n in ("tom_hanks", "messi" if "messi" in images else "coffee")]
+def test_pyramid_resampling_paths_equal_interpolate_area(photos_rgb):
+    tensors = [
+        torch.from_numpy(photos_rgb[n].copy()) for n in ("tom_hanks", "messi" if "messi" in photos_rgb else "coffee")
+    ]
     ii = integral_images(tensors)
     sizes = [(int(t.shape[0]), int(t.shape[1])) for t in tensors]
     plan = plan_pyramid(sizes, [20.0, 33.0], 0.709, page_side=300)
@@ -335,9 +331,9 @@ def test_pyramid_resampling_paths_equal_interpolate_area(images):
     assert (plan.y % 2 == 0).all() and (plan.x % 2 == 0).all()
 
 
-def test_integral_images_torch_path_equals_numpy_path(images):
+def test_integral_images_torch_path_equals_numpy_path(photos_rgb):
     # The CUDA path uses torch.cumsum; on CPU numpy's cumsum is used. Both must give the same table.
-    im = torch.from_numpy(images["chelsea"].copy())
+    im = torch.from_numpy(photos_rgb["chelsea"].copy())
     table = integral_images([im]).table(0)
     expected = torch.zeros_like(table)
     torch.cumsum(im.cumsum(0, dtype=torch.int32), 1, out=expected[1:, 1:])
@@ -345,9 +341,9 @@ def test_integral_images_torch_path_equals_numpy_path(images):
     assert int(table[-1, -1].sum()) == int(im.sum(dtype=torch.int64))
 
 
-def test_atlas_pnet_equals_pnet_on_each_level_alone(detector, images):
+def test_atlas_pnet_equals_pnet_on_each_level_alone(detector, photos_rgb):
     # Odd and even sizes, partial ceil-mode pool windows at image edges, several images per page.
-    tensors = [torch.from_numpy(images[n].copy()) for n in ("tom_hanks", "camera")]
+    tensors = [torch.from_numpy(photos_rgb[n].copy()) for n in ("tom_hanks", "camera")]
     tensors.append(tensors[0][:57, :45])
     ii = integral_images(tensors)
     plan = plan_pyramid([tuple(t.shape[:2]) for t in tensors], [20.0, 90.0, 16.0], 0.709, page_side=256)
@@ -375,19 +371,19 @@ def test_atlas_pnet_equals_pnet_on_each_level_alone(detector, images):
 
 
 @pytest.mark.cuda
-def test_cuda_matches_cpu(images, single):
-    names = list(images)
+def test_cuda_matches_cpu(photos_rgb, single):
+    names = list(photos_rgb)
     det = MTCNN(device="cuda")
-    out = det.detect([torch.from_numpy(images[n].copy()).cuda() for n in names])
+    out = det.detect([torch.from_numpy(photos_rgb[n].copy()).cuda() for n in names])
     for name, d in zip(names, out, strict=True):
         assert d.boxes.device.type == "cuda"
         _assert_same(Detections(*(t.cpu() for t in d)), single[name], atol=0.05)
 
 
 @pytest.mark.cuda
-def test_cuda_half_channels_last_finds_the_faces(images):
+def test_cuda_half_channels_last_finds_the_faces(photos_rgb):
     det = MTCNN(device="cuda", dtype=torch.float16, channels_last=True)
-    names = [n for n in FACES if n in images]
-    out = det.detect([images[n] for n in names])
+    names = [n for n in FACES if n in photos_rgb]
+    out = det.detect([photos_rgb[n] for n in names])
     for name, d in zip(names, out, strict=True):
         assert int((d.scores > 0.9).sum()) == FACES[name], name

@@ -40,15 +40,9 @@ def detector() -> RetinaFace:
 
 
 @pytest.fixture(scope="module")
-def images(load_photo) -> dict[str, np.ndarray]:
-    names = [n for n in (*photos.FACE_PHOTOS, *photos.NON_FACE_PHOTOS, "tiny") if n in photos.available()]
-    return {n: load_photo(n) for n in names}
-
-
-@pytest.fixture(scope="module")
-def single(detector, images) -> dict[str, rf.Detections]:
+def single(detector, photos_rgb) -> dict[str, rf.Detections]:
     """One-image calls: the baseline that batched calls must equal."""
-    return {name: detector.detect([im])[0] for name, im in images.items()}
+    return {name: detector.detect([im])[0] for name, im in photos_rgb.items()}
 
 
 def _iod(landmarks: torch.Tensor) -> torch.Tensor:
@@ -112,11 +106,11 @@ class TestNetworkMatchesOnnxRuntime:
         np.testing.assert_allclose(conf[idx], ref[f"{name}_conf"], atol=5e-5, rtol=0)
         assert ref[f"{name}_conf"][:, 1].max() > 0.98  # the subset holds the face
 
-    def test_live_onnxruntime_on_a_letterboxed_batch(self, detector, images):
+    def test_live_onnxruntime_on_a_letterboxed_batch(self, detector, photos_rgb):
         ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (optional cross-check)")
         model = rf.read_model_bytes(rf.retinaface_weights_path())
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        x, _, _ = detector.network_input([torch.from_numpy(images["t1"].copy())])
+        x, _, _ = detector.network_input([torch.from_numpy(photos_rgb["t1"].copy())])
         expected = session.run(None, {"input": np.ascontiguousarray(x.numpy())})
         with torch.inference_mode():
             got = detector.net(x)
@@ -203,9 +197,9 @@ class TestScoreFloor:
 
 
 class TestBatching:
-    def test_mixed_sizes_equal_one_image_at_a_time(self, detector, images, single):
-        names = list(images)
-        batch = detector.detect([images[n] for n in names])  # 1280×886, 112×112, 14×25, ... in one forward
+    def test_mixed_sizes_equal_one_image_at_a_time(self, detector, photos_rgb, single):
+        names = list(photos_rgb)
+        batch = detector.detect([photos_rgb[n] for n in names])  # 1280×886, 112×112, 14×25, ... in one forward
         for name, got in zip(names, batch, strict=True):
             want = single[name]
             assert got.scores.shape == want.scores.shape, name
@@ -220,8 +214,8 @@ class TestBatching:
             assert d.boxes.device.type == "cpu"
             assert bool((d.scores[1:] <= d.scores[:-1]).all())
 
-    def test_numpy_and_tensor_inputs_agree(self, detector, images, single):
-        got = detector.detect([torch.from_numpy(images["astronaut"].copy())])[0]
+    def test_numpy_and_tensor_inputs_agree(self, detector, photos_rgb, single):
+        got = detector.detect([torch.from_numpy(photos_rgb["astronaut"].copy())])[0]
         torch.testing.assert_close(got.boxes, single["astronaut"].boxes)
 
     def test_empty_batch_and_bad_image(self, detector):
@@ -231,18 +225,18 @@ class TestBatching:
 
 
 class TestMinFaceSize:
-    def test_small_boxes_are_dropped(self, detector, images, single):
+    def test_small_boxes_are_dropped(self, detector, photos_rgb, single):
         base = single["t1"]
         limit = 110.0
-        got = detector.detect([images["t1"]], min_face_sizes=[limit])[0]
+        got = detector.detect([photos_rgb["t1"]], min_face_sizes=[limit])[0]
         short = torch.minimum(base.boxes[:, 2] - base.boxes[:, 0], base.boxes[:, 3] - base.boxes[:, 1])
         kept = got.scores >= detector.score_floor
         assert 0 < int(kept.sum()) == int(((short >= limit) & (base.scores >= detector.score_floor)).sum()) < 6
         got_short = torch.minimum(got.boxes[:, 2] - got.boxes[:, 0], got.boxes[:, 3] - got.boxes[:, 1])
         assert bool((got_short >= limit).all())
 
-    def test_image_smaller_than_the_minimum_gives_nothing(self, detector, images):
-        d = detector.detect([images["tiny"], images["astronaut"]], min_face_sizes=[20, None])
+    def test_image_smaller_than_the_minimum_gives_nothing(self, detector, photos_rgb):
+        d = detector.detect([photos_rgb["tiny"], photos_rgb["astronaut"]], min_face_sizes=[20, None])
         assert d[0].boxes.shape == (0, 4) and d[0].landmarks.shape == (0, 5, 2)
         assert float(d[1].scores[0]) > 0.99
 

@@ -1,13 +1,17 @@
-"""packer.scan (dir2lst): sorted identities, contiguous labels, every skipped file reported with a reason."""
+"""The folder scan: packer.scan (dir2lst: sorted identities, contiguous labels, every skipped file reported with a
+reason) and gpu_align.scan.scan_source (a run's inputs from a folder or a .lst: identities, min_images, shard, limit,
+the .lst's own landmarks)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from gpu_align.scan import parse_shard, scan_source
 from packer.errors import UserError
 from packer.lst import LstEntry
 from packer.scan import scan_folder
@@ -111,8 +115,156 @@ def test_missing_root_and_file_root_are_user_errors(tmp_path, jpeg):
         scan_folder(f)
 
 
-def test_real_decodable_images_listed(tmp_path, jpeg):
-    _tree(tmp_path, {"x": ["1.jpg"]}, jpeg)
-    (e,) = scan_folder(tmp_path).entries
-    img = cv2.imread(e.path)
-    assert img.shape == (112, 112, 3) and np.asarray(img).std() > 10
+def test_real_photo_files_are_listed_by_path_with_their_label(tmp_path, photo_path):
+    """Real shipped photo files (PNG, JPEG, a GIF) copied into identity folders: the scan lists exactly the
+    JPEG/PNG files, by absolute path, under their folder's label, and the GIF as skipped."""
+    spec = {"anna": ("astronaut", "t1"), "ben": ("tom_hanks", "rocket"), "cleo": ("tiny",)}
+    copied = {}  # copy -> the shipped file
+    for folder, names in spec.items():
+        (tmp_path / folder).mkdir()
+        for name in names:
+            src = photo_path(name)
+            copied[str(tmp_path / folder / src.name)] = src
+            (tmp_path / folder / src.name).write_bytes(src.read_bytes())
+    res = scan_folder(tmp_path)
+    assert res.identities == ["anna", "ben"]
+    listed = [(os.path.relpath(e.path, tmp_path), e.label, e.aligned) for e in res.entries]
+    assert listed == [
+        ("anna/astronaut.png", 0, 1),
+        ("anna/t1.jpg", 0, 1),
+        ("ben/Tom_Hanks_54745.png", 1, 1),
+        ("ben/rocket.jpg", 1, 1),
+    ]
+    for e in res.entries:  # each listed path is the copy of the real photo, byte for byte
+        assert Path(e.path).read_bytes() == copied[e.path].read_bytes()
+    assert dict(res.skipped) == {
+        str(tmp_path / "cleo" / "no_time_for_that_tiny.gif"): "not an image (.gif; looking for .jpg, .jpeg, .png)",
+        str(tmp_path / "cleo"): "no images in this identity folder",
+    }
+
+
+# --- gpu_align.scan.scan_source: the inputs of a run -------------------------------------------------------------
+
+
+def _groups(src) -> list[tuple[int, str, str]]:
+    """``(index, identity, path relative to the source root)`` of each input."""
+    return [(it.index, it.group, os.path.relpath(it.path, src.root)) for it in src.items]
+
+
+def test_source_folder_lists_identities_in_sorted_order(tmp_path, jpeg):
+    _tree(
+        tmp_path,
+        {"zoe": ["b.jpg", "a.png"], "adam": ["2.jpg", "10.jpg"], "Émile": ["x.jpeg"], "empty": ["notes.txt"]},
+        jpeg,
+    )
+    src = scan_source(tmp_path)
+    assert src.kind == "folder" and src.root == str(tmp_path)
+    assert _groups(src) == [
+        (0, "adam", "adam/10.jpg"),
+        (1, "adam", "adam/2.jpg"),
+        (2, "zoe", "zoe/a.png"),
+        (3, "zoe", "zoe/b.jpg"),
+        (4, "Émile", "Émile/x.jpeg"),
+    ]
+    assert all(os.path.isabs(it.path) and it.landmarks is None and it.bbox is None for it in src.items)
+    assert dict(src.skipped) == {
+        str(tmp_path / "empty" / "notes.txt"): "not an image (.txt; looking for .jpg, .jpeg, .png)",
+        str(tmp_path / "empty"): "no images in this identity folder",
+    }
+
+
+def test_source_min_images_and_limit(tmp_path, jpeg):
+    _tree(tmp_path, {"a": ["1.jpg", "2.jpg"], "b": ["1.jpg"], "c": ["1.jpg", "2.jpg", "3.jpg"]}, jpeg)
+    src = scan_source(tmp_path, min_images=2)
+    assert [g for _, g, _ in _groups(src)] == ["a", "a", "c", "c", "c"]
+    assert ("b", "fewer than min_images=2 images (identity has 1)") in [
+        (os.path.basename(p), r) for p, r in src.skipped
+    ]
+    # limit keeps the first inputs (across identities) and renumbers nothing: they are 0.. already
+    assert _groups(scan_source(tmp_path, limit=3)) == [(0, "a", "a/1.jpg"), (1, "a", "a/2.jpg"), (2, "b", "b/1.jpg")]
+    with pytest.raises(UserError, match="--limit must be at least 1, got 0"):
+        scan_source(tmp_path, limit=0)
+
+
+def test_source_shards_split_identities_into_contiguous_blocks(tmp_path, jpeg):
+    # image counts a 3, b 1, c 2, d 2 (8 in all); an identity goes to block floor(first image's position · n / 8)
+    _tree(
+        tmp_path,
+        {"a": ["1.jpg", "2.jpg", "3.jpg"], "b": ["1.jpg"], "c": ["1.jpg", "2.jpg"], "d": ["1.jpg", "2.jpg"]},
+        jpeg,
+    )
+    full = _groups(scan_source(tmp_path))
+    by_shard = {n: [[g for _, g, _ in _groups(scan_source(tmp_path, shard=(i, n)))] for i in range(n)] for n in (2, 3)}
+    assert by_shard[2] == [["a", "a", "a", "b"], ["c", "c", "d", "d"]]  # positions 0, 3 | 4, 6
+    assert by_shard[3] == [["a", "a", "a"], ["b", "c", "c"], ["d", "d"]]  # 0 | 3, 4 | 6
+    # every shard numbers its inputs from 0; in shard order they are the unsharded run's inputs
+    joined = []
+    for i in range(3):
+        part = _groups(scan_source(tmp_path, shard=(i, 3)))
+        assert [k for k, _, _ in part] == list(range(len(part)))
+        joined += [(g, p) for _, g, p in part]
+    assert joined == [(g, p) for _, g, p in full]
+    # more shards than identities: the ones left empty say so
+    with pytest.raises(UserError, match="no images to align in this shard"):
+        scan_source(tmp_path, shard=(1, 8))
+
+
+def test_parse_shard():
+    assert parse_shard(None) is None
+    assert parse_shard("0/4") == (0, 4) and parse_shard("3/4") == (3, 4)
+    for bad in ("4/4", "-1/4", "0/0"):
+        with pytest.raises(UserError, match="need 0 <= i < n"):
+            parse_shard(bad)
+    with pytest.raises(UserError, match="must look like i/n"):
+        parse_shard("half")
+
+
+def test_source_lst_gives_landmarks_boxes_and_bad_landmarks(tmp_path):
+    lst = tmp_path / "lists" / "in.lst"
+    lst.parent.mkdir()
+    lines = [
+        "0\tpeople/a.jpg\t5",  # detect
+        "0\t/abs/b.jpg\t5\t10\t20\t110\t130\t40\t80\t60\t45\t75\t50\t52\t70\t95\t93",  # box + 5 points
+        "0\tc.jpg\t7\t10\t20\t110\t130\t40\t40\t60\t45\t75\t50\t50\t70\t95\t93",  # eyes on one point
+    ]
+    lst.write_text("\n".join(lines) + "\n")
+    src = scan_source(lst)
+    assert src.kind == "lst" and src.root == str(lst.resolve())
+    a, b, c = src.items
+    assert (a.index, a.path, a.group, a.landmarks, a.bbox, a.bad_landmarks) == (
+        0,
+        str(lst.parent.resolve() / "people" / "a.jpg"),  # relative to the .lst's folder
+        "5",
+        None,
+        None,
+        None,
+    )
+    assert (b.path, b.group, b.bbox, b.bad_landmarks) == ("/abs/b.jpg", "5", (10, 20, 110, 130), None)
+    # x1..x5 y1..y5 on the line -> (5, 2) points (x, y)
+    np.testing.assert_array_equal(b.landmarks, [[40, 50], [80, 52], [60, 70], [45, 95], [75, 93]])
+    assert b.landmarks.dtype == np.float32
+    assert c.group == "7" and c.landmarks is None and c.bad_landmarks.startswith("bad landmarks: eyes on one point")
+    # --root: relative paths start there instead
+    other = tmp_path / "photos"
+    assert scan_source(lst, lst_root=other).items[0].path == str(other.resolve() / "people" / "a.jpg")
+    # the shape of what each line asks for is part of the input records (a resume must see the same)
+    records = src.input_records()
+    assert [r[4] for r in records] == ["", "10 20 110 130 40 50 80 52 60 70 45 95 75 93", c.bad_landmarks]
+    assert [r[2:4] for r in records] == [[-1, -1]] * 3  # none of the files exists
+
+
+def test_source_fingerprint_follows_the_files(tmp_path, jpeg):
+    _tree(tmp_path, {"a": ["1.jpg", "2.jpg"]}, jpeg)
+    before = scan_source(tmp_path).fingerprint()
+    assert scan_source(tmp_path).fingerprint() == before
+    (tmp_path / "a" / "2.jpg").write_bytes(jpeg + b"\0")  # one byte longer
+    assert scan_source(tmp_path).fingerprint() != before
+
+
+def test_source_errors(tmp_path, jpeg):
+    with pytest.raises(UserError, match=r"no such folder or \.lst file"):
+        scan_source(tmp_path / "nope")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.gif").write_bytes(jpeg)
+    with pytest.raises(UserError, match=r"no images to align$"):
+        scan_source(tmp_path)
