@@ -26,7 +26,7 @@ from gpu_align.pipeline.align_stage import AlignStage
 from gpu_align.pipeline.options import RunOptions, RunResult, StageTimes, check_options, resolve_device
 from gpu_align.pipeline.report import input_config, run_report
 from gpu_align.pipeline.resume import INPUTS_NAME, check_inputs, remove_inputs, write_inputs
-from gpu_align.scan import InputItem, Source, scan_source
+from gpu_align.scan import InputItem, Source, decode_items, scan_source
 from packer.channel import PackerClient, WriterSettings
 from packer.layout import STATE_NAME
 from packer.report_html import write_report_html_or_warn
@@ -91,7 +91,7 @@ def _align_all(
     start = (done // opts.batch_size) * opts.batch_size  # restart at the batch boundary: the same batches
     processed = 0
     with _progress(opts, len(items), done) as bar:
-        batches = decoder.batches((it.index, it.path) for it in items[start:])
+        batches = decoder.batches(decode_items(items[start:]))  # archive members carry their bytes
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
