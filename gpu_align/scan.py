@@ -51,6 +51,7 @@ class InputItem:
         bad_landmarks: the ``.lst`` line's landmarks cannot place a face (``"bad landmarks: ..."``): the photo
             is skipped with this reason, never detected instead.
         member: the archive member the photo is (``path`` is then ``archive::name``), else None.
+        ref_box: ``(x1, y1, x2, y2)`` from ``--boxes-csv``: keep the detected face that overlaps it best.
     """
 
     index: int
@@ -60,6 +61,7 @@ class InputItem:
     bbox: tuple[int, int, int, int] | None = None
     bad_landmarks: str | None = None
     member: tar.Member | None = None
+    ref_box: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Source:
     root: str
     items: list[InputItem] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while scanning
+    csv: list = field(default_factory=list)  # gpu_align.csvmeta.CsvMatch per --landmarks-csv / --boxes-csv
 
     def input_records(self) -> list[list]:
         """Per input what decides its output: ``[identity, path, size, mtime_ns, shape]``.
@@ -94,6 +97,8 @@ class Source:
             shape = it.bad_landmarks or ""  # unusable landmarks: the reason is what the output holds
             if it.landmarks is not None:
                 shape = " ".join(f"{float(v):.9g}" for v in (*(it.bbox or ()), *np.asarray(it.landmarks).reshape(-1)))
+            if it.ref_box is not None:  # --boxes-csv: the reference box decides which face is kept
+                shape += " box " + " ".join(f"{v:.9g}" for v in it.ref_box)
             out.append([it.group, it.path, size, mtime, shape])
         return out
 
@@ -281,6 +286,8 @@ def scan_source(
     shard: tuple[int, int] | None = None,
     limit: int | None = None,
     lst_root: str | os.PathLike | None = None,
+    landmarks_csv: str | os.PathLike | None = None,
+    boxes_csv: str | os.PathLike | None = None,
 ) -> Source:
     """List the inputs of a run, in the order they are packed.
 
@@ -293,6 +300,8 @@ def scan_source(
         shard: ``(i, n)``: keep only this shard's identities (see the module docstring).
         limit: keep only the first ``limit`` inputs (a quick trial run).
         lst_root: folder that a ``.lst``'s relative paths start from (default: the ``.lst``'s folder).
+        landmarks_csv, boxes_csv: VGGFace2 ``loose_landmark`` / ``loose_bb`` files (:mod:`gpu_align.csvmeta`),
+            matched against all photos before ``shard`` and ``limit`` cut them.
     """
     s = os.fspath(src)
     shards = _shard_list(s)
@@ -307,6 +316,14 @@ def scan_source(
         source = _from_archives(s, None, min_images)
     else:
         source = _from_lst(s, lst_root and os.fspath(lst_root))
+    if landmarks_csv or boxes_csv:
+        from gpu_align.csvmeta import apply_csvs
+
+        source.items, source.csv = apply_csvs(
+            source.items,
+            landmarks=landmarks_csv and os.fspath(landmarks_csv),
+            boxes=boxes_csv and os.fspath(boxes_csv),
+        )
     if shard is not None:
         groups: list[str] = []
         counts: list[int] = []
@@ -323,6 +340,10 @@ def scan_source(
         source.items = source.items[:limit]
     source.items = [dataclasses.replace(it, index=k) for k, it in enumerate(source.items)]
     _check_reorder(source.items)
+    if source.csv:
+        from gpu_align.csvmeta import note_photos_without_row
+
+        note_photos_without_row(source.csv, source.items)
     if not source.items:
         raise UserError(f"{s}: no images to align" + (" in this shard" if shard else ""))
     return source

@@ -18,7 +18,9 @@ Detect the face in every photo of SRC, align it to the ArcFace 112×112 template
 InsightFace RecordIO dataset in DIR: train.rec, train.idx, train.lst, property and report.json.
 
 SRC is a folder root/<identity>/<image> (VGGFace2, CASIA-WebFace style: identities in sorted folder order,
-.jpg/.jpeg/.png) or a face2rec2 .lst (labels grouped; a line with landmarks is warped with them, no detection).
+.jpg/.jpeg/.png), a .tar/.tar.gz/.tgz of such a folder (read without extracting; x.tar.gz::train names the folder
+inside), WebDataset shards (a folder of .tar, or shards-{000..009}.tar), or a face2rec2 .lst (labels grouped; a
+line with landmarks is warped with them, no detection).
 On a GPU, DALI decodes and MTCNN + the warp run on the device; on the CPU the same code runs with device=cpu.
 One bad file never stops a run: it is recorded in report.json with its reason and the run goes on.
 Outputs are resumable: after Ctrl-C, SIGTERM, SIGHUP, kill -9 or a full disk, rerun the same command with
@@ -33,6 +35,8 @@ examples:
   gpu-align run photos/ --out flat --layout flat --shuffle 1   # for DALI's fn.readers.mxnet
   gpu-align run photos/ --out try --limit 500 --save-crops try/crops   # a quick look at the crops
   gpu-align run vgg2-rec/train.lst --out again                 # rebuild from the landmarks, no detection
+  gpu-align run vggface2_train.tar.gz --out vgg2-rec \
+      --landmarks-csv meta/bb_landmark/loose_landmark_train.csv   # straight from the archive, no MTCNN
 
 train.lst lines are face2rec2's: 0<TAB>photo<TAB>label<TAB>x1 y1 x2 y2<TAB>x1..x5 y1..y5 (landmarks, all x first)."""
 
@@ -45,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", help="root/<identity>/<image> folder, or a face2rec2 .lst")
+    p.add_argument("src", help="root/<identity>/<image> folder, .tar/.tar.gz of one, WebDataset shards, or a .lst")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty, or --resume)")
     g = p.add_argument_group("hardware")
     g.add_argument(
@@ -147,6 +151,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="mtcnn: the detector's raw landmarks; with --detector mtcnn exactly InsightFace's MTCNN alignment. "
         "refined (experimental): O-Net re-estimates them on upright crops; steadier under rotation on the photos "
         "it was tuned on, but less accurate on held-out faces (README, Accuracy) (default: mtcnn)",
+    )
+    g.add_argument(
+        "--landmarks-csv",
+        metavar="FILE",
+        help="VGGFace2 loose_landmark CSV (NAME_ID,P1X,P1Y,...,P5Y): listed photos skip detection and are warped "
+        "with these five points (eyes, nose, mouth corners; the order is checked on load); others are detected",
+    )
+    g.add_argument(
+        "--boxes-csv",
+        metavar="FILE",
+        help="VGGFace2 loose_bb CSV (NAME_ID,X,Y,W,H): keep the detected face that overlaps the listed box best; "
+        "a photo where none overlaps it enough is skipped as 'box not matched'",
     )
     g = p.add_argument_group("run")
     g.add_argument(
@@ -328,4 +344,5 @@ def _run(args: argparse.Namespace) -> int:
         fp16=args.fp16,
         quiet=args.quiet,
     )
+    opts.landmarks_csv, opts.boxes_csv = args.landmarks_csv, args.boxes_csv  # read by the scan (issue 12)
     return _execute(opts)

@@ -76,6 +76,7 @@ def run_report(
             "decoder": repr(decoder) if decoder else None,
             "versions": versions(),
             "scan_skipped": [{"path": p, "reason": r} for p, r in source.skipped],
+            "csv": [m.report() for m in source.csv],  # --landmarks-csv / --boxes-csv: rows and photos matched
             "this_invocation": {
                 "resumed_at": done,
                 "processed": processed,

@@ -134,8 +134,17 @@ def run(opts: RunOptions, *, source: Source | None = None, progress: Progress | 
     # scan: the inputs, fixed (and checked against an interrupted run's) before anything is written
     if source is None:
         source = scan_source(
-            opts.src, min_images=opts.min_images, shard=opts.shard, limit=opts.limit, lst_root=opts.lst_root
+            opts.src,
+            min_images=opts.min_images,
+            shard=opts.shard,
+            limit=opts.limit,
+            lst_root=opts.lst_root,
+            landmarks_csv=getattr(opts, "landmarks_csv", None),
+            boxes_csv=getattr(opts, "boxes_csv", None),
         )
+    if not opts.quiet:
+        for m in source.csv:  # how --landmarks-csv / --boxes-csv met the photos (details in report.json)
+            print(f"gpu-align: {m.summary()}", file=sys.stderr)
     records = source.input_records()
     fingerprint = source.fingerprint(records)
     out = Path(opts.out)
