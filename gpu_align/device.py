@@ -1,10 +1,19 @@
-"""Device facts the aligner and decoders share: full float32 for the networks, CUDA out-of-memory, device checks.
+"""The device policy of gpu_align, in one place: which device a run uses, what runs where, and how device
+failures reach the user. The decoders, detectors, aligner and pipeline ask here instead of testing
+``device.type`` or ``torch.cuda`` themselves.
 
+- :func:`check_device`: ``"auto"`` (where allowed) picks CUDA when torch sees a GPU; ``cuda`` without a GPU or
+  ``cuda:N`` beyond the visible devices is one clear :class:`~gpu_align.errors.DeviceError` line, not a CUDA
+  traceback. :func:`require_cuda` refuses CUDA-only options (``fp16``) elsewhere.
+- :func:`cuda_paths`: whether the CUDA code paths (and work sizes) run: on a CUDA device, or forced with
+  ``tuning="cuda"`` so that CI runs them on CPU. :func:`default_batch_size`: photos per batch by device type.
+- :func:`to_device`, :func:`synchronize`: host→CUDA copies are asynchronous (never copies to the host, which could
+  be read before they land); waiting for the device only where there is one.
 - :func:`full_fp32`: torch 2.13 runs float32 cuDNN convolutions in TF32 by default (10-bit mantissa), so a GPU's
   detections and landmarks would not equal the CPU's. The aligner turns TF32 (and oneDNN's bf16/tf32 shortcuts)
   off for the duration of its network calls and restores the caller's settings afterwards.
-- :func:`is_out_of_memory`: a CUDA (or DALI) out-of-memory error is the batch's fault, never a file's.
-- :func:`check_device`: ``cuda:N`` beyond the visible devices is one clear error line, not a CUDA traceback.
+- :func:`is_out_of_memory`, :func:`out_of_memory_stops`: a CUDA (or DALI) out-of-memory error is the batch's
+  fault, never a file's: one line with the batch size to rerun with.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from packer.errors import UserError
+from gpu_align.errors import DeviceError
 
 # Per-operator float32 precision settings (torch >= 2.9 API; "ieee" = full float32). oneDNN's are "none" (= ieee)
 # by default but can be set to bf16/tf32 by the user.
@@ -118,6 +127,21 @@ def oom_message(what: str, batch: int, device: torch.device | str) -> str:
     )
 
 
+@contextmanager
+def out_of_memory_stops(what: str, batch: int, device: torch.device) -> Iterator[None]:
+    """Turn an out-of-memory error inside into one :class:`~gpu_align.errors.DeviceError` line (:func:`oom_message`).
+
+    Out of memory says nothing about the photos: retrying them one by one or reporting them as misses would
+    be wrong, so the run stops (its packer state stays resumable).
+    """
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise DeviceError(oom_message(what, batch, device)) from e
+
+
 def cuda_index_error(index: int, count: int) -> str | None:
     """The error line for ``cuda:index`` when torch sees ``count`` CUDA devices, or None if it exists."""
     if 0 <= index < count:
@@ -131,27 +155,84 @@ def cuda_index_error(index: int, count: int) -> str | None:
     )
 
 
-def check_device(device: str | torch.device, what: str = "device") -> torch.device:
-    """``device`` as a ``torch.device`` that exists here: CPU, or a CUDA device torch can see; else UserError.
+def check_device(device: str | torch.device, what: str = "device", *, auto: bool = False) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here: CPU, or a CUDA device torch can see; else DeviceError.
 
-    ``what`` names the setting in the message (``"--device"``, ``"device"``).
+    ``auto``: also accept ``"auto"``, CUDA when torch sees a GPU, else CPU. ``what`` names the setting in the
+    message (``"--device"``, ``"device"``).
     """
+    if auto and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = "auto, cpu, cuda or cuda:N" if auto else "cpu, cuda or cuda:N"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise UserError(f"{what} must be cpu, cuda or cuda:N, got {device!r}") from None
+        raise DeviceError(f"{what} must be {choices}, got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"{what} must be cpu, cuda or cuda:N, got {device!r}")
+        raise DeviceError(f"{what} must be {choices}, got {device!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(
+            raise DeviceError(
                 f"{what} {device}: torch sees no CUDA device (this torch build or machine has none); use cpu"
             )
         if dev.index is not None:
             error = cuda_index_error(dev.index, torch.cuda.device_count())
             if error:
-                raise UserError(f"{what} {error}")
+                raise DeviceError(f"{what} {error}")
     return dev
 
 
-__all__ = ["check_device", "cuda_index_error", "fp32_precisions", "full_fp32", "is_out_of_memory", "oom_message"]
+def require_cuda(device: torch.device, option: str) -> None:
+    """Refuse a CUDA-only ``option`` (e.g. ``"fp16"``) on another device: ``"<option> needs a CUDA device"``."""
+    if device.type != "cuda":
+        raise DeviceError(f"{option} needs a CUDA device")
+
+
+TUNINGS = ("cpu", "cuda")
+
+
+def cuda_paths(device: torch.device, tuning: str | None = None) -> bool:
+    """Whether the CUDA code paths run: ``tuning`` (``"cpu"``/``"cuda"``) when given, else ``device``'s type.
+
+    ``tuning="cuda"`` on CPU runs exactly what a GPU would (CI counts its device ops, ``tests/test_device_ops.py``).
+    Raises ``ValueError`` for another ``tuning``.
+    """
+    if tuning is None:
+        return device.type == "cuda"
+    if tuning not in TUNINGS:
+        raise ValueError(f"tuning must be 'cpu' or 'cuda', not {tuning!r}")
+    return tuning == "cuda"
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Photos per batch when none is asked for: 256 on CUDA (enough work per launch), 32 on CPU."""
+    return 256 if device.type == "cuda" else 32
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; asynchronous only towards CUDA (a non-blocking copy to the host could be read
+    before it lands)."""
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = [
+    "TUNINGS",
+    "check_device",
+    "cuda_index_error",
+    "cuda_paths",
+    "default_batch_size",
+    "fp32_precisions",
+    "full_fp32",
+    "is_out_of_memory",
+    "oom_message",
+    "out_of_memory_stops",
+    "require_cuda",
+    "synchronize",
+    "to_device",
+]

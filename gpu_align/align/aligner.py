@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpu_align.align.rows import Rows
 from gpu_align.align.warp import (
     ARCFACE_112,
     arcface_template,
@@ -47,9 +47,9 @@ from gpu_align.align.warp import (
 )
 from gpu_align.detect import DETECTORS, Detections, FaceDetector, empty_detections, make_detector
 from gpu_align.detect.mtcnn import MTCNN
-from gpu_align.detect.select import POLICIES, SelectFn, select_faces
-from gpu_align.device import check_device, full_fp32, is_out_of_memory, oom_message
-from packer.errors import UserError
+from gpu_align.detect.select import POLICIES, SelectFn, Selection, select_faces
+from gpu_align.device import check_device, full_fp32, out_of_memory_stops, require_cuda, synchronize, to_device
+from gpu_align.errors import DetectorError, UserError
 
 ON_MISS = ("skip", "center")
 MISS_NO_FACE = "no face"
@@ -112,11 +112,41 @@ class _StageClock:
     def lap(self, stage: str) -> None:
         if not self.enabled:
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
         self._t = now
+
+
+@dataclass
+class _Batch:
+    """The per-photo state of one :meth:`FaceAligner.align` call: ``B`` entries per list, in input order.
+
+    Attributes:
+        images: ``(H, W, 3)`` uint8 tensors on the aligner's device; None where the input is unusable.
+        reasons: why a photo has no crop (the future ``AlignResult.miss_reason``); the steps fill it in.
+        given: the caller's faces for a photo (moved to the device when used); None: detect it.
+        usable: the rows with an image, in the compacted order that refinement and the warp read them.
+        detected: the usable rows without given faces (detected, and refined, here).
+    """
+
+    images: list[torch.Tensor | None]
+    reasons: list[str | None]
+    given: list[Detections | None]
+    usable: Rows = field(init=False)
+    detected: Rows = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.usable = Rows.where(im is not None for im in self.images)
+        self.detected = Rows.where(im is not None and g is None for im, g in zip(self.images, self.given, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def hw(self) -> list[tuple[int, int]]:
+        """``(H, W)`` per row; ``(1, 1)`` for an unusable one (it has no faces to select)."""
+        return [(im.shape[0], im.shape[1]) if im is not None else (1, 1) for im in self.images]
 
 
 # --- landmark refinement ----------------------------------------------------------------------------------------
@@ -273,8 +303,8 @@ class FaceAligner:
         **detector_options,
     ) -> None:
         self.device = check_device(device, "device")  # cuda:N beyond the visible devices: one clear line
-        if fp16 and self.device.type != "cuda":
-            raise UserError("fp16 needs a CUDA device")
+        if fp16:
+            require_cuda(self.device, "fp16")
         if not callable(select) and select not in POLICIES:
             raise UserError(f"unknown face-selection policy {select!r}; choose one of {', '.join(POLICIES)}")
         if on_miss not in ON_MISS:
@@ -282,7 +312,7 @@ class FaceAligner:
         if min_face_rel is not None and not 0 <= min_face_rel < 1:
             raise UserError(f"min_face_rel must be in [0, 1), got {min_face_rel}")
         if detector not in DETECTORS:
-            raise UserError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+            raise DetectorError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
         if min_score is not None and not 0 <= min_score <= 1:
             raise UserError(f"min_score must be in [0, 1], got {min_score}")
         try:
@@ -306,6 +336,8 @@ class FaceAligner:
         self._mtcnn = self.detector if isinstance(self.detector, MTCNN) else getattr(self.detector, "mtcnn", None)
         self.min_score = float(self.detector.score_floor if min_score is None else min_score)
         self.min_face_size = float(detector_options.get("min_face_size", 20))
+        # the warp takes the detector's code paths (MTCNN(tuning="cuda") on CPU: the CUDA ones)
+        self._warp_tuning = "cuda" if getattr(self.detector, "cuda_paths", False) else None
 
     # -- inputs ----------------------------------------------------------------------------------------------
 
@@ -348,8 +380,15 @@ class FaceAligner:
             t = t.expand(-1, -1, 3)
         elif t.shape[-1] == 4:
             t = t[..., :3]
-        t = t.to(self.device, non_blocking=True)
+        t = to_device(t, self.device)
         return (t if t.is_contiguous() else t.contiguous()), None
+
+    def _batch(self, images: Sequence, detections: Sequence[Detections | None] | None) -> _Batch:
+        imgs, reasons = self._prepare(images)
+        given = [None] * len(imgs) if detections is None else list(detections)
+        if len(given) != len(imgs):
+            raise ValueError(f"{len(given)} detections for {len(imgs)} images")
+        return _Batch(imgs, reasons, given)
 
     # -- detection -------------------------------------------------------------------------------------------
 
@@ -357,29 +396,36 @@ class FaceAligner:
         return [max(self.min_face_size, self.min_face_rel * min(im.shape[0], im.shape[1])) for im in imgs]
 
     def _detect_prepared(self, imgs: list[torch.Tensor | None], reasons: list[str | None]) -> list[Detections]:
-        """Detect in the usable images; too-small and unusable ones get empty detections (reason recorded)."""
-        todo = []
-        for i, im in enumerate(imgs):
-            if im is None:
-                continue
-            if min(im.shape[0], im.shape[1]) < self.min_face_size:
-                reasons[i] = f"{MISS_TOO_SMALL}: {im.shape[1]}×{im.shape[0]} < {self.min_face_size:g} px face"
-                continue
-            todo.append(i)
-        dets = [empty_detections(self.device) for _ in imgs]
-        if todo:
-            with torch.inference_mode(), full_fp32(), self._out_of_memory("detecting faces in", len(todo)):
-                found = self.detector.detect(
-                    [imgs[i] for i in todo], min_face_sizes=self._min_faces([imgs[i] for i in todo])
-                )
-            for i, d in zip(todo, found, strict=True):
-                dets[i] = d
-            # a detector that knows why it found nothing says so (cascade: no box, or O-Net rejected it)
-            why = getattr(self.detector, "last_miss_reasons", None) or [None] * len(todo)
-            for i, w in zip(todo, why, strict=True):
-                if w:
-                    reasons[i] = f"{MISS_NO_FACE}: {w}"
-        return dets
+        """Detect in the usable images; too-small and unusable ones get empty detections (reason recorded).
+
+        ``imgs``: per row an ``(H, W, 3)`` uint8 device tensor or None (not detected); ``reasons`` is updated
+        in place. Returns one :class:`Detections` per row, on the device.
+        """
+        too_small = [im is not None and min(im.shape[0], im.shape[1]) < self.min_face_size for im in imgs]
+        for i in Rows.where(too_small):
+            h, w = imgs[i].shape[:2]
+            reasons[i] = f"{MISS_TOO_SMALL}: {w}×{h} < {self.min_face_size:g} px face"
+        todo = Rows.where(im is not None and not small for im, small in zip(imgs, too_small, strict=True))
+        empty = [empty_detections(self.device) for _ in imgs]
+        if not todo:
+            return empty
+        batch = todo.take(imgs)
+        with torch.inference_mode(), full_fp32(), out_of_memory_stops("detecting faces in", len(todo), self.device):
+            found = self.detector.detect(batch, min_face_sizes=self._min_faces(batch))
+        # a detector that knows why it found nothing says so (cascade: no box, or O-Net rejected it)
+        why = getattr(self.detector, "last_miss_reasons", None) or [None] * len(todo)
+        for i, w in zip(todo, why, strict=True):
+            if w:
+                reasons[i] = f"{MISS_NO_FACE}: {w}"
+        return todo.scatter(found, empty)
+
+    def _faces(self, batch: _Batch) -> list[Detections]:
+        """Per row: the given faces (moved to the device), else those detected now; empty where unusable."""
+        detected = self._detect_prepared(batch.detected.only(batch.images), batch.reasons)
+        return [
+            Detections(*(to_device(x, self.device) for x in g)) if i in batch.usable and g is not None else d
+            for i, (g, d) in enumerate(zip(batch.given, detected, strict=True))
+        ]
 
     def detect(self, images: Sequence) -> list[Detections]:
         """All faces per image (after the ``min_face_rel`` scale policy), as :class:`gpu_align.detect.mtcnn.Detections`.
@@ -389,16 +435,12 @@ class FaceAligner:
         """
         imgs, reasons = self._prepare(images)
         dets = self._detect_prepared(imgs, reasons)
-        if not self.refine:
-            return dets
         counts = [len(d.scores) for d in dets]
-        if sum(counts) == 0:
+        if not self.refine or sum(counts) == 0:
             return dets
-        usable = [i for i, im in enumerate(imgs) if im is not None]
-        pos = {i: k for k, i in enumerate(usable)}
-        lms = torch.cat([d.landmarks for d in dets])
-        owner = [pos[i] for i, c in enumerate(counts) for _ in range(c)]
-        refined = self._refine([imgs[i] for i in usable], owner, lms).split(counts)
+        usable = Rows.where(im is not None for im in imgs)
+        owner = usable.positions(i for i, c in enumerate(counts) for _ in range(c))  # each face's image
+        refined = self._refine(usable.take(imgs), owner, torch.cat([d.landmarks for d in dets])).split(counts)
         return [Detections(d.boxes, d.scores, lm) for d, lm in zip(dets, refined, strict=True)]
 
     @property
@@ -409,26 +451,64 @@ class FaceAligner:
         return self._mtcnn
 
     def _refine(self, imgs: list[torch.Tensor], image_index: list[int], landmarks: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), full_fp32(), self._out_of_memory("refining landmarks in", len(imgs)):
+        """:func:`refine_landmarks` with MTCNN's O-Net: ``(F, 5, 2)`` float32 on the device."""
+        with torch.inference_mode(), full_fp32(), out_of_memory_stops("refining landmarks in", len(imgs), self.device):
             return refine_landmarks(self.mtcnn.onet, imgs, image_index, landmarks)
-
-    @contextmanager
-    def _out_of_memory(self, what: str, batch: int) -> Iterator[None]:
-        """Turn a CUDA out-of-memory error into one UserError line with the batch size to rerun with.
-
-        Out of memory says nothing about the photos: retrying them one by one or reporting them as misses would
-        be wrong, so the run stops (its packer state stays resumable).
-        """
-        try:
-            yield
-        except (RuntimeError, MemoryError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise UserError(oom_message(what, batch, self.device)) from e
 
     # -- alignment -------------------------------------------------------------------------------------------
 
-    def align(self, images: Sequence, detections: Sequence[Detections] | None = None) -> AlignResult:
+    def _final_landmarks(self, batch: _Batch, landmarks: torch.Tensor, found: Rows) -> torch.Tensor:
+        """The selected faces' ``(B, 5, 2)`` float32 landmarks, refined (detected faces only; given landmarks are
+        final) and rounded as asked. ``landmarks`` is updated in place where refined."""
+        refine = found & batch.detected if self.refine else None
+        if refine:  # the selected face only
+            rows = refine.index(self.device)
+            sources = batch.usable
+            landmarks[rows] = self._refine(sources.take(batch.images), sources.positions(refine), landmarks[rows])
+        if self.landmark_decimals is not None:  # what a .lst holds, so that it reproduces these crops
+            scale = 10.0**self.landmark_decimals
+            landmarks = torch.round(landmarks * scale) / scale
+        return landmarks
+
+    def _explain_misses(self, batch: _Batch, found: Rows, sel: Selection) -> None:
+        """Set each row's ``miss_reason``: None where a face was found; else the reason known so far, or "no face"
+        (with the best score when every detection fell below the floor). Two host reads."""
+        faces, best = sel.num_faces.tolist(), sel.best_score.tolist()
+        for i in range(len(batch)):
+            if i in found:
+                batch.reasons[i] = None
+            elif batch.reasons[i] is None:
+                low = faces[i] > 0  # faces were detected, all below the floor
+                batch.reasons[i] = (
+                    f"{MISS_NO_FACE}: low confidence ({best[i]:.2f} < {self.min_score:g})" if low else MISS_NO_FACE
+                )
+
+    def _transforms(self, batch: _Batch, landmarks: torch.Tensor, found: Rows, center: Rows) -> torch.Tensor:
+        """``(B, 2, 3)`` float32 image→crop affines on the device: the landmark fit for ``found`` rows, the
+        centre-crop fallback for ``center`` rows, NaN elsewhere."""
+        transforms = torch.full((len(batch), 2, 3), float("nan"), device=self.device)
+        if found:
+            rows = found.index(self.device)
+            transforms[rows] = estimate_similarity(landmarks[rows], self.template).float()
+        if center:
+            hw = center.take(batch.hw)
+            fallback = center_crop_affine([h for h, _ in hw], [w for _, w in hw], self.image_size)
+            transforms[center.index(self.device)] = fallback.to(self.device)
+        return transforms
+
+    def _warp(self, batch: _Batch, transforms: torch.Tensor, ok: Rows) -> torch.Tensor:
+        """``(B, S, S, 3)`` uint8 crops on the device (zeros outside ``ok``): one batched warp of the
+        full-resolution images."""
+        S = self.image_size
+        crops = torch.zeros((len(batch), S, S, 3), dtype=torch.uint8, device=self.device)
+        if ok:
+            rows, sources = ok.index(self.device), batch.usable
+            crops[rows] = warp_faces(
+                sources.take(batch.images), sources.positions(ok), transforms[rows], S, tuning=self._warp_tuning
+            )
+        return crops
+
+    def align(self, images: Sequence, detections: Sequence[Detections | None] | None = None) -> AlignResult:
         """Detect, select one face per image and warp it to the ArcFace template, for a batch of any sizes.
 
         Args:
@@ -443,73 +523,29 @@ class FaceAligner:
             holds the time of each stage (detect, refine, warp).
         """
         clock = _StageClock(self.device, self.timed)
-        imgs, reasons = self._prepare(images)
-        B = len(imgs)
-        dev = self.device
-        given = [None] * B if detections is None else list(detections)
-        if len(given) != B:
-            raise ValueError(f"{len(given)} detections for {B} images")
-        detect_now = [given[i] is None for i in range(B)]
-        detected = self._detect_prepared([im if detect_now[i] else None for i, im in enumerate(imgs)], reasons)
-        dets = [
-            detected[i] if detect_now[i] or imgs[i] is None else Detections(*(x.to(dev) for x in given[i]))
-            for i in range(B)
-        ]
+        batch = self._batch(images, detections)
+        dets = self._faces(batch)
         clock.lap("detect")
-        hw = [(im.shape[0], im.shape[1]) if im is not None else (1, 1) for im in imgs]
-        floor = self.min_score  # given faces too: align(x, detect(x)) == align(x); a .lst's faces score 1
-        sel = select_faces(dets, hw, self.select, min_score=floor)
-        found, boxes, scores, lms = sel.found, sel.boxes, sel.scores, sel.landmarks
-
-        found_l = found.tolist()
-        usable = [im is not None for im in imgs]
-        src_ids = [i for i in range(B) if usable[i]]  # the warps read this compacted image list
-        pos = {i: k for k, i in enumerate(src_ids)}
-        refine_ids = [i for i in range(B) if found_l[i] and detect_now[i]] if self.refine else []
-        if refine_ids:  # given landmarks are final; detected ones are refined for the selected face only
-            rows = torch.tensor(refine_ids, device=dev)
-            lms[rows] = self._refine([imgs[i] for i in src_ids], [pos[i] for i in refine_ids], lms[rows])
-        if self.landmark_decimals is not None:  # what a .lst holds, so that it reproduces these crops
-            scale = 10.0**self.landmark_decimals
-            lms = torch.round(lms * scale) / scale
+        # the floor applies to given faces too: align(x, detect(x)) == align(x); a .lst's faces score 1
+        sel = select_faces(dets, batch.hw, self.select, min_score=self.min_score)
+        found = Rows.where(sel.found.tolist())  # only usable photos have faces
+        landmarks = self._final_landmarks(batch, sel.landmarks, found)
         clock.lap("refine")
-        faces_l, best_l = sel.num_faces.tolist(), sel.best_score.tolist()
-        for i in range(B):
-            if not found_l[i] and reasons[i] is None:
-                low = faces_l[i] > 0  # faces were detected, all below the floor
-                reasons[i] = f"{MISS_NO_FACE}: low confidence ({best_l[i]:.2f} < {floor:g})" if low else MISS_NO_FACE
-            elif found_l[i]:
-                reasons[i] = None
-        center_l = [self.on_miss == "center" and usable[i] and not found_l[i] for i in range(B)]
-        center = torch.tensor(center_l, dtype=torch.bool, device=dev)
-
-        S = self.image_size
-        transforms = torch.full((B, 2, 3), float("nan"), device=dev)
-        if any(found_l):
-            transforms[found] = estimate_similarity(lms[found], self.template).float()
-        if any(center_l):
-            ids = [i for i in range(B) if center_l[i]]
-            transforms[center] = center_crop_affine([hw[i][0] for i in ids], [hw[i][1] for i in ids], S).to(dev)
-        crops = torch.zeros((B, S, S, 3), dtype=torch.uint8, device=dev)
-        ok_ids = [i for i in range(B) if found_l[i] or center_l[i]]
-        if ok_ids:
-            # one batched warp over the usable images
-            ok_t = torch.tensor(ok_ids, device=dev)
-            tuning = "cuda" if getattr(self.detector, "cuda_paths", False) else None  # MTCNN(tuning="cuda")
-            crops[ok_t] = warp_faces(
-                [imgs[i] for i in src_ids], [pos[i] for i in ok_ids], transforms[ok_t], S, tuning=tuning
-            )
+        self._explain_misses(batch, found, sel)
+        center = batch.usable - found if self.on_miss == "center" else Rows.where([False] * len(batch))
+        transforms = self._transforms(batch, landmarks, found, center)
+        crops = self._warp(batch, transforms, found | center)
         clock.lap("warp")
         return AlignResult(
             crops=crops,
-            found=found & torch.tensor(usable, device=dev),
-            center=center,
-            boxes=boxes,
-            landmarks=lms,
-            scores=scores,
+            found=sel.found,
+            center=center.mask(self.device),
+            boxes=sel.boxes,
+            landmarks=landmarks,
+            scores=sel.scores,
             num_faces=sel.num_faces,
             transforms=transforms,
-            miss_reason=reasons,
+            miss_reason=batch.reasons,
             num_confident=sel.num_confident,
             runner_up_boxes=sel.runner_up_boxes,
             runner_up_scores=sel.runner_up_scores,

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gpu_align.device import cuda_paths
+
 # ArcFace (InsightFace) 112×112 template, (x, y): eyeL, eyeR, nose, mouthL, mouthR.
 ARCFACE_112 = (
     (38.2946, 51.6963),
@@ -177,8 +179,9 @@ def warp_faces(
         size: output side ``S``.
         max_samples_per_chunk: bound on output pixels processed at once (memory); default 2**18 on CPU (fits
             the caches better) and 2**24 on CUDA.
-        tuning: ``"cuda"`` takes the CUDA path (and its default chunk) on any device, as ``MTCNN(tuning="cuda")``
-            does for the detector: CI runs it on CPU. Both paths give identical crops.
+        tuning: ``"cuda"`` / ``"cpu"`` take that path (and its default chunk) on any device, as
+            ``MTCNN(tuning=...)`` does for the detector (:func:`gpu_align.device.cuda_paths`); None: the device's.
+            CI runs the CUDA path on CPU. Both paths give identical crops.
 
     Returns:
         ``(F, S, S, C)`` uint8 on the images' device, equal to ``cv2.warpAffine(img, M[f], (S, S),
@@ -279,7 +282,7 @@ def warp_faces(
     y_lo = torch.minimum(torch.clamp(torch.floor(cy.amin(dim=(1, 2))) - 1, min=0), hw_h - 1)
     y_hi = torch.minimum(torch.clamp(torch.floor(cy.amax(dim=(1, 2))) + 2, min=0), hw_h - 1)
     cw, ch = (x_hi - x_lo + 1).long(), (y_hi - y_lo + 1).long()
-    gather_images = device.type == "cuda" or tuning == "cuda"
+    gather_images = cuda_paths(device, tuning)
     if gather_images:
         # All images in one buffer of 4-byte pixels (RGB padded), so one int32 gather fetches a whole pixel (much
         # faster than 3-byte rows) and every face of the batch samples from it: no per-face copies.

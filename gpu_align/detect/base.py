@@ -14,6 +14,8 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from gpu_align.device import to_device
+
 
 class Detections(NamedTuple):
     """Faces found in one image, sorted by descending score; tensors on the detector's device."""
@@ -45,7 +47,7 @@ def as_image_tensor(image: np.ndarray | torch.Tensor, index: int, device: torch.
         raise ValueError(
             f"image {index}: expected an (H, W, 3) uint8 RGB image, got shape {tuple(image.shape)} {image.dtype}"
         )
-    return image.to(device, non_blocking=device.type == "cuda")
+    return to_device(image, device)
 
 
 class FaceDetector(Protocol):

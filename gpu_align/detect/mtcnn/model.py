@@ -43,7 +43,8 @@ from gpu_align.detect.mtcnn.resample import (
     resample_ragged_into,
 )
 from gpu_align.detect.nms import batched_nms
-from packer.errors import UserError
+from gpu_align.device import TUNINGS, cuda_paths
+from gpu_align.errors import DetectorError
 
 INSTALL_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
 _WEIGHT_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
@@ -51,7 +52,7 @@ _WEIGHT_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
 _OUTSIDE = -1.0e4
 
 
-class MTCNNWeightsMissing(UserError, FileNotFoundError):
+class MTCNNWeightsMissing(DetectorError, FileNotFoundError):
     """The MTCNN weight files are not installed; the message says how to install them."""
 
 
@@ -329,7 +330,7 @@ class MTCNN(nn.Module):
         }
         if pyramid_resample not in (None, "levels", "flat"):
             raise ValueError(f"pyramid_resample must be 'levels' or 'flat', not {pyramid_resample!r}")
-        if tuning not in (None, "cpu", "cuda"):
+        if tuning not in (None, *TUNINGS):
             raise ValueError(f"tuning must be 'cpu' or 'cuda', not {tuning!r}")
         self._tuning_kind = tuning
         self._local = threading.local()  # per-thread scratch buffer (see _workspace)
@@ -356,7 +357,7 @@ class MTCNN(nn.Module):
     @property
     def cuda_paths(self) -> bool:
         """Whether the CUDA code paths run: on a CUDA device, or forced with ``tuning="cuda"``."""
-        return self._tuning_kind == "cuda" if self._tuning_kind else self.device.type == "cuda"
+        return cuda_paths(self.device, self._tuning_kind)
 
     @property
     def tuning(self) -> Tuning:
