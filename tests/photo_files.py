@@ -1,4 +1,5 @@
-"""Small helpers that write real photo files for the end-to-end tests (shared, so each test file does not copy them)."""
+"""Small helpers that write real photo files for the end-to-end tests, and published reference values the tests
+compare with (shared, so each test file does not copy them)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+# InsightFace's published ArcFace 112×112 landmarks, typed from insightface/utils/face_align.py (``arcface_dst``,
+# insightface 2.1): eyeL, eyeR, nose, mouthL, mouthR as (x, y). Tests compare the project's template with these.
+ARCFACE_DST_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:

@@ -20,13 +20,9 @@ from gpu_align.align.warp import (
     transform_points,
     warp_faces,
 )
+from tests.photo_files import ARCFACE_DST_112  # InsightFace's arcface_dst, typed as literals
 
 PHOTOS = ("astronaut", "camera", "t1", "tom_hanks", "messi")
-# InsightFace's published ArcFace 112×112 landmarks, typed from insightface/utils/face_align.py (``arcface_dst``,
-# insightface 2.1): eyeL, eyeR, nose, mouthL, mouthR as (x, y). The template under test must equal these numbers.
-INSIGHTFACE_ARCFACE_DST = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
-)
 CV2_FLOAT_WARP = tuple(int(v) for v in cv2.__version__.split(".")[:2]) >= (4, 11)  # float32 warp since 4.11
 
 
@@ -54,8 +50,8 @@ def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
 def test_template_112_is_the_arcface_template():
     t = arcface_template(112)
     assert t.shape == (5, 2) and t.dtype == torch.float32
-    np.testing.assert_allclose(t.numpy(), INSIGHTFACE_ARCFACE_DST, atol=1e-5)
-    np.testing.assert_allclose(np.array(ARCFACE_112), INSIGHTFACE_ARCFACE_DST, atol=1e-5)  # the public constant too
+    np.testing.assert_allclose(t.numpy(), ARCFACE_DST_112, atol=1e-5)
+    np.testing.assert_allclose(np.array(ARCFACE_112), ARCFACE_DST_112, atol=1e-5)  # the public constant too
 
 
 @pytest.mark.parametrize(
@@ -65,7 +61,7 @@ def test_template_112_is_the_arcface_template():
 def test_template_variants(size, ratio, diff_x):
     """insightface's estimate_norm: ``dst = arcface_dst * ratio; dst[:, 0] += diff_x`` (ratio = size/112, diff_x = 0;
     or ratio = size/128, diff_x = 8·ratio), with its ratio and diff_x for each size written out by hand."""
-    expected = INSIGHTFACE_ARCFACE_DST * ratio
+    expected = ARCFACE_DST_112 * ratio
     expected[:, 0] += diff_x
     np.testing.assert_allclose(arcface_template(size).numpy(), expected, atol=1e-4)
 
@@ -73,7 +69,7 @@ def test_template_variants(size, ratio, diff_x):
 def test_template_rejects_other_sizes_and_allows_explicit_base():
     with pytest.raises(ValueError, match="multiple of 112 or 128"):
         arcface_template(100)
-    np.testing.assert_allclose(arcface_template(96, base=112).numpy(), INSIGHTFACE_ARCFACE_DST * 96 / 112, atol=1e-4)
+    np.testing.assert_allclose(arcface_template(96, base=112).numpy(), ARCFACE_DST_112 * 96 / 112, atol=1e-4)
 
 
 # --- similarity fit -------------------------------------------------------------------------------------------
