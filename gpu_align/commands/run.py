@@ -177,6 +177,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--shard", metavar="I/N", help="process shard I of N (identities split in N contiguous blocks)")
     g.add_argument("--limit", type=int, metavar="N", help="only the first N photos (a quick trial)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar; print only the summary")
+    from gpu_align.scale.cli import add_arguments as add_ray_arguments  # --ray, --shards, --workers (issue 13)
+
+    add_ray_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -345,4 +348,8 @@ def _run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
     )
     opts.landmarks_csv, opts.boxes_csv = args.landmarks_csv, args.boxes_csv  # read by the scan (issue 12)
+    if args.ray is not None:  # scale-out on Ray (gpu_align.scale)
+        from gpu_align.scale.cli import execute as execute_ray
+
+        return execute_ray(args, opts)
     return _execute(opts)
