@@ -453,10 +453,10 @@ def _wds_identity(sample: dict[str, Member], key: str, meta: dict[str, bytes]) -
 
 def scan_webdataset(indexes: Sequence[ArchiveIndex], *, min_images: int = 1) -> ArchiveScan:
     """WebDataset shards: members grouped into samples by key (the name up to the basename's first dot); a
-    sample's photo is its ``jpg``/``jpeg``/``png`` member; its identity is the ``.cls`` member's text, else a
-    ``.json`` member's ``identity``/``cls``/``label``/``class`` field, else the last folder of the key
-    (``n000002/0001_01`` → ``n000002``). Identities and photo order as for the extracted folder
-    ``<identity>/<photo file name>``."""
+    sample's photo is its ``jpg``/``jpeg``/``png`` member (also ``x.jpg``: the extension's last part counts); its
+    identity is the ``.cls`` member's text, else a ``.json`` member's ``identity``/``cls``/``label``/``class``
+    field, else the last folder of the key (``n000002/0001_01`` → ``n000002``). Identities and photo order as
+    for the extracted folder ``<identity>/<photo file name>``."""
     res = ArchiveScan()
     groups: dict[str, list[tuple[str, Member]]] = {}
     for idx in indexes:
@@ -468,7 +468,7 @@ def scan_webdataset(indexes: Sequence[ArchiveIndex], *, min_images: int = 1) -> 
             key, ext = wds_split(m.name)
             samples.setdefault(key, {})[ext] = m
         for key, sample in samples.items():
-            images = [m for ext, m in sample.items() if ext.lower() in _WDS_IMAGE_EXTS]
+            images = [m for ext, m in sample.items() if ext.lower().rpartition('.')[2] in _WDS_IMAGE_EXTS]
             if not images:
                 if not any(ext.lower() in ("cls", "json") for ext in sample) or len(sample) > 1:
                     first = next(iter(sample.values()))
