@@ -7,7 +7,6 @@ line, or why it was skipped, and report notes such as several confident faces), 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from gpu_align.align import AlignResult, FaceAligner
+from gpu_align.align.rows import Rows
 from gpu_align.align.warp import arcface_template, invert_affine, transform_points
 from gpu_align.decode import DecodedBatch
 from gpu_align.detect import Detections
@@ -68,7 +68,7 @@ def _round_landmarks(lm: torch.Tensor) -> torch.Tensor:
     return torch.round(lm * scale) / scale
 
 
-def _lst_entry(path: str, box: np.ndarray, lm: np.ndarray) -> LstEntry:
+def _lst_entry(path: str, box: np.ndarray | tuple[int, ...], lm: np.ndarray) -> LstEntry:
     """face2rec2 line of an aligned photo: aligned=0 (the path is the source photo), box, landmarks x1..x5 y1..y5."""
     return LstEntry(0, path, 0, tuple(round(float(v)) for v in box), tuple(float(v) for v in lm.T.reshape(-1)))
 
@@ -158,60 +158,71 @@ class AlignStage:
             for j, k in enumerate(multi)
         }
 
-    def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
-        """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
-        batch = self._drop_bad_landmarks(batch)
-        counts = dict(found=0, center=0, missed=0, failed=0)
+    def _failure_metas(self, batch: DecodedBatch, skip_below: int, counts: dict[str, int]) -> dict[int, ItemMeta]:
+        """The batch's decode (and bad-landmark) failures not yet written, by input index."""
         metas: dict[int, ItemMeta] = {}
         for index, _path, reason in batch.failures:
             if index >= skip_below:
                 it = self.items[index]
                 metas[index] = ItemMeta(index, it.group, it.path, skip_reason=reason)
                 counts["failed"] += 1
+        return metas
+
+    def _lst_landmarks(self, res: AlignResult) -> np.ndarray:
+        """``(B, 5, 2)`` float32 host landmarks for ``train.lst``, at its precision; centre-crop fallbacks get
+        the landmarks that reproduce them (the template mapped back to the photo)."""
+        lms = torch.where(
+            res.center[:, None, None],
+            transform_points(invert_affine(res.transforms), self.template.expand(len(res), 5, 2)),
+            res.landmarks,
+        )
+        return _round_landmarks(lms).cpu().numpy()
+
+    def _aligned_metas(
+        self, batch: DecodedBatch, skip_below: int, counts: dict[str, int]
+    ) -> tuple[dict[int, ItemMeta], np.ndarray]:
+        """Align ``batch``: the metas of its inputs not yet written, by input index, and their crops
+        (``(F, S, S, 3)`` uint8 host array; a meta's ``row`` is its crop's row)."""
+        res = self.aligner.align(batch.images, detections=self._given(batch))
+        t2 = time.perf_counter()
+        ok_l, center_l = res.ok.tolist(), res.center.tolist()
+        # crops of the inputs not written yet go to the packer, compacted (indices ascend within a batch)
+        sent = Rows.where(ok and i >= skip_below for ok, i in zip(ok_l, batch.indices, strict=True))
+        crops = res.crops[sent.index(self.device)].cpu().numpy()
+        lms = self._lst_landmarks(res)
+        boxes = res.boxes.cpu().numpy()
+        notes = self._multi_face_notes(res)
+        t3 = time.perf_counter()
+        self.times.detect += res.seconds.get("detect", 0.0)
+        self.times.refine += res.seconds.get("refine", 0.0)
+        self.times.warp += res.seconds.get("warp", 0.0)
+        self.times.transfer += t3 - t2
+        metas: dict[int, ItemMeta] = {}
+        for k, i in enumerate(batch.indices):
+            if i < skip_below:
+                continue
+            it = self.items[i]
+            if k in sent:
+                box = boxes[k]
+                if center_l[k]:  # a centre-crop fallback's box: the whole photo
+                    h, w = batch.images[k].shape[:2]
+                    box = (0, 0, w, h)
+                lst = _lst_entry(it.path, box, lms[k])
+                name = self.crop_names[i] if self.crop_names else ""
+                metas[i] = ItemMeta(i, it.group, it.path, sent.position(k), lst, None, name, notes.get(k))
+                counts["center" if center_l[k] else "found"] += 1
+            else:
+                metas[i] = ItemMeta(i, it.group, it.path, skip_reason=res.miss_reason[k] or "no face")
+                counts["missed"] += 1
+        return metas, crops
+
+    def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
+        """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
+        batch = self._drop_bad_landmarks(batch)
+        counts = dict(found=0, center=0, missed=0, failed=0)
+        metas = self._failure_metas(batch, skip_below, counts)
         crops = np.zeros((0, self.aligner.image_size, self.aligner.image_size, 3), np.uint8)
         if batch.images:
-            res = self.aligner.align(batch.images, detections=self._given(batch))
-            t2 = time.perf_counter()
-            ok = res.ok
-            crops = res.crops[ok].cpu().numpy()
-            # Centre-crop fallbacks get the landmarks that reproduce them (template mapped back to the photo).
-            lms = torch.where(
-                res.center[:, None, None],
-                transform_points(invert_affine(res.transforms), self.template.expand(len(res), 5, 2)),
-                res.landmarks,
-            )
-            lms = _round_landmarks(lms).cpu().numpy()
-            boxes = res.boxes.cpu().numpy()
-            ok_l, center_l = ok.tolist(), res.center.tolist()
-            notes = self._multi_face_notes(res)
-            t3 = time.perf_counter()
-            self.times.detect += res.seconds.get("detect", 0.0)
-            self.times.refine += res.seconds.get("refine", 0.0)
-            self.times.warp += res.seconds.get("warp", 0.0)
-            self.times.transfer += t3 - t2
-            row = 0
-            for k, i in enumerate(batch.indices):
-                it = self.items[i]
-                if ok_l[k]:
-                    if center_l[k]:
-                        h, w = batch.images[k].shape[:2]
-                        boxes[k] = (0, 0, w, h)
-                    if i >= skip_below:
-                        lst = _lst_entry(it.path, boxes[k], lms[k])
-                        name = self.crop_names[i] if self.crop_names else ""
-                        metas[i] = ItemMeta(i, it.group, it.path, row, lst, None, name, notes.get(k))
-                        counts["center" if center_l[k] else "found"] += 1
-                    row += 1
-                elif i >= skip_below:
-                    metas[i] = ItemMeta(i, it.group, it.path, skip_reason=res.miss_reason[k] or "no face")
-                    counts["missed"] += 1
-        # Rows of inputs that were already written are dropped; re-number the rest compactly.
-        keep_rows = [m.row for _, m in sorted(metas.items()) if m.row >= 0]
-        if len(keep_rows) != len(crops):
-            crops = crops[keep_rows]
-        remap = {r: n for n, r in enumerate(keep_rows)}
-        ordered = [
-            m if m.row < 0 else dataclasses.replace(m, row=remap[m.row])
-            for _, m in sorted(metas.items())
-        ]
-        return CropBatch(ordered, np.ascontiguousarray(crops)), counts
+            aligned, crops = self._aligned_metas(batch, skip_below, counts)
+            metas.update(aligned)
+        return CropBatch([m for _, m in sorted(metas.items())], np.ascontiguousarray(crops)), counts
