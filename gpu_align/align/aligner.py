@@ -251,6 +251,22 @@ def _compose(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.cat([R, t[..., None]], -1)
 
 
+def _check_options(
+    select: str | SelectFn, on_miss: str, min_face_rel: float | None, detector: str, min_score: float | None
+) -> None:
+    """Refuse :class:`FaceAligner` options out of range, one line each, before any model loads."""
+    if not callable(select) and select not in POLICIES:
+        raise UserError(f"unknown face-selection policy {select!r}; choose one of {', '.join(POLICIES)}")
+    if on_miss not in ON_MISS:
+        raise UserError(f"on_miss must be one of {', '.join(ON_MISS)}, got {on_miss!r}")
+    if min_face_rel is not None and not 0 <= min_face_rel < 1:
+        raise UserError(f"min_face_rel must be in [0, 1), got {min_face_rel}")
+    if detector not in DETECTORS:
+        raise DetectorError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+    if min_score is not None and not 0 <= min_score <= 1:
+        raise UserError(f"min_score must be in [0, 1], got {min_score}")
+
+
 class FaceAligner:
     """Batched face detection (MTCNN by default) and ArcFace alignment on CPU or CUDA.
 
@@ -305,16 +321,7 @@ class FaceAligner:
         self.device = check_device(device, "device")  # cuda:N beyond the visible devices: one clear line
         if fp16:
             require_cuda(self.device, "fp16")
-        if not callable(select) and select not in POLICIES:
-            raise UserError(f"unknown face-selection policy {select!r}; choose one of {', '.join(POLICIES)}")
-        if on_miss not in ON_MISS:
-            raise UserError(f"on_miss must be one of {', '.join(ON_MISS)}, got {on_miss!r}")
-        if min_face_rel is not None and not 0 <= min_face_rel < 1:
-            raise UserError(f"min_face_rel must be in [0, 1), got {min_face_rel}")
-        if detector not in DETECTORS:
-            raise DetectorError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
-        if min_score is not None and not 0 <= min_score <= 1:
-            raise UserError(f"min_score must be in [0, 1], got {min_score}")
+        _check_options(select, on_miss, min_face_rel, detector, min_score)
         try:
             self.template = arcface_template(int(image_size), device=self.device)
         except ValueError as e:
