@@ -138,3 +138,44 @@ def test_landmarks_csv_with_a_missing_row_detects_that_photo(detected, tmp_path)
     rep = json.loads((out / "report.json").read_text())["extra"]["run"]["csv"][0]
     assert rep["rows_without_photo_examples"] == [f"n999999/0001_01 (line {len(lines)})"]
     assert rep["photos_without_row"] >= 1
+
+
+def test_boxes_csv_alone_keeps_the_detections_of_single_face_photos(detected, tmp_path):
+    """One face per photo: the box picks the face the policy would pick; the records are the same bytes."""
+    archive, ref_out, meta = detected
+    out = tmp_path / "out"
+    opts = RunOptions(src=str(archive), out=str(out), device="cpu", decoder="cpu", batch_size=4, quiet=True)
+    opts.boxes_csv = str(meta / "loose_bb_train.csv")
+    run(opts)
+    for name in ("train.rec", "train.idx", "train.lst"):
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+
+
+def test_boxes_csv_chooses_among_several_faces_and_reports_no_match(tmp_path):
+    """insightface's t1.jpg (six people): the listed box selects that person, not the centre-largest face; a box
+    on no face is 'box not matched' (skipped and reported, not a heuristic's pick); photos without a row keep
+    the --select policy."""
+    from gpu_align.demo.photos import load_rgb
+    from tests.photo_files import write_jpeg
+
+    root = tmp_path / "photos" / "n1"
+    root.mkdir(parents=True)
+    t1 = load_rgb("t1")
+    for name in ("a", "b", "c"):
+        write_jpeg(root / f"{name}.jpg", t1)
+    back_left = (268, 150, 375, 272)  # a face of t1 (gpu_align.demo.data._FACES), not the centre-largest one
+    bb = _write(tmp_path, "NAME_ID,X,Y,W,H\n"
+                f"n1/a,{back_left[0] - 15},{back_left[1] - 20},{back_left[2] - back_left[0] + 30},"
+                f"{back_left[3] - back_left[1] + 30}\nn1/b.jpg,600,20,60,60\n", "bb.csv")
+    out = tmp_path / "out"
+    opts = RunOptions(src=str(tmp_path / "photos"), out=str(out), device="cpu", decoder="cpu", quiet=True)
+    opts.boxes_csv = str(bb)
+    res = run(opts)
+    rows = {Path(r.split("\t")[1]).name: [int(v) for v in r.split("\t")[3:7]]
+            for r in (out / "train.lst").read_text().splitlines()}
+    box = rows["a.jpg"]
+    assert max(abs(u - v) for u, v in zip(box, back_left, strict=True)) < 25, box
+    assert rows["c.jpg"] != box  # no row: the centre-largest face
+    skipped = {Path(s["path"]).name: s["reason"] for s in json.loads((out / "report.json").read_text())["skipped"]}
+    assert skipped["b.jpg"].startswith("box not matched: "), skipped
+    assert (res.found, res.failed) == (2, 1)

@@ -73,6 +73,21 @@ def _lst_entry(path: str, box: np.ndarray | tuple[int, ...], lm: np.ndarray) -> 
     return LstEntry(0, path, 0, tuple(round(float(v)) for v in box), tuple(float(v) for v in lm.T.reshape(-1)))
 
 
+# --boxes-csv: a detected face is the listed photo's face when its box overlaps the reference box at least this
+# much (intersection over union). VGGFace2's loose boxes are larger than MTCNN's tight ones (IoU ~0.4-0.6 for the
+# same face), a neighbour's face overlaps them far less.
+BOX_MATCH_IOU = 0.3
+BOX_NOT_MATCHED = "box not matched"
+
+
+def _iou(boxes: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """IoU of ``(K, 4)`` boxes with one ``(4,)`` box, all ``x1 y1 x2 y2``."""
+    lo, hi = torch.maximum(boxes[:, :2], ref[:2]), torch.minimum(boxes[:, 2:], ref[2:])
+    inter = (hi - lo).clamp(min=0).prod(1)
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1)
+    return inter / (area + (ref[2:] - ref[:2]).clamp(min=0).prod() - inter).clamp(min=1e-6)
+
+
 def _given_detections(item: InputItem, device: torch.device) -> Detections:
     """A ``.lst`` line's own landmarks as a one-face detection (the photo is not detected again)."""
     lm = torch.as_tensor(item.landmarks, dtype=torch.float32, device=device).reshape(1, 5, 2)
@@ -105,6 +120,7 @@ class AlignStage:
         self.times = times
         self.template = arcface_template(opts.image_size, device=device)
         self.crop_names = crop_names(items) if opts.save_crops else None
+        self._picked: dict[int, Detections] = {}  # input index -> the face --boxes-csv chose (see _match_boxes)
 
     def _drop_bad_landmarks(self, batch: DecodedBatch) -> DecodedBatch:
         """Photos whose ``.lst`` landmarks cannot place a face (parse-time ``bad_landmarks``, or points more than
@@ -127,10 +143,44 @@ class AlignStage:
         )
         return DecodedBatch([batch.indices[k] for k in keep], [batch.images[k] for k in keep], failures)
 
+    def _match_boxes(self, batch: DecodedBatch) -> DecodedBatch:
+        """``--boxes-csv``: detect the photos that have a reference box (and no landmarks), keep the confident face
+        that overlaps it best (:data:`BOX_MATCH_IOU`) as the photo's given detection; a photo where none does
+        becomes a failure ``box not matched`` (never the face a heuristic picks)."""
+        rows = [k for k, i in enumerate(batch.indices)
+                if self.items[i].ref_box is not None and self.items[i].landmarks is None]
+        if not rows:
+            return batch
+        t0 = time.perf_counter()
+        found = self.aligner.detect([batch.images[k] for k in rows])
+        self.times.detect += time.perf_counter() - t0
+        bad: dict[int, str] = {}
+        for k, det in zip(rows, found, strict=True):
+            i = batch.indices[k]
+            ref = torch.tensor(self.items[i].ref_box, dtype=torch.float32, device=det.boxes.device)
+            ok = det.scores >= self.aligner.min_score
+            iou = torch.where(ok, _iou(det.boxes, ref), torch.zeros_like(det.scores)) if len(ok) else det.scores
+            best = int(iou.argmax()) if len(iou) else -1
+            if best < 0 or float(iou[best]) < BOX_MATCH_IOU:
+                got = f"best IoU {float(iou[best]):.2f}" if best >= 0 else "no confident face"
+                bad[k] = f"{BOX_NOT_MATCHED}: {got} with the --boxes-csv box (needs {BOX_MATCH_IOU})"
+            else:
+                self._picked[i] = Detections(det.boxes[best : best + 1], det.scores[best : best + 1],
+                                             det.landmarks[best : best + 1])
+        if not bad:
+            return batch
+        keep = [k for k in range(len(batch.indices)) if k not in bad]
+        failures = sorted(
+            [*batch.failures, *((batch.indices[k], self.items[batch.indices[k]].path, r) for k, r in bad.items())]
+        )
+        return DecodedBatch([batch.indices[k] for k in keep], [batch.images[k] for k in keep], failures)
+
     def _given(self, batch: DecodedBatch) -> list[Detections | None]:
-        """The ``.lst``'s own landmarks where it has them (no detection); None = detect this photo."""
+        """The ``.lst``'s (or ``--landmarks-csv``'s) landmarks where it has them, the face ``--boxes-csv`` chose
+        (no detection in either case); None = detect this photo."""
         return [
-            _given_detections(self.items[i], self.device) if self.items[i].landmarks is not None else None
+            _given_detections(self.items[i], self.device) if self.items[i].landmarks is not None
+            else self._picked.pop(i, None)
             for i in batch.indices
         ]
 
@@ -218,7 +268,7 @@ class AlignStage:
 
     def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
         """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
-        batch = self._drop_bad_landmarks(batch)
+        batch = self._match_boxes(self._drop_bad_landmarks(batch))
         counts = dict(found=0, center=0, missed=0, failed=0)
         metas = self._failure_metas(batch, skip_below, counts)
         crops = np.zeros((0, self.aligner.image_size, self.aligner.image_size, 3), np.uint8)
