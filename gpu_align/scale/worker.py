@@ -154,24 +154,42 @@ class ShardWorker:
         if self._stop.is_set():
             return {"shard": spec.index, "stopped": True, "done": _committed(out)}
         first = True
+        opened = time.monotonic()
+        waited = False
 
         def progress(done: int, total: int, counts: dict[str, int]) -> None:
-            nonlocal first
+            nonlocal first, opened
             with self._lock:
                 if first:  # the first call comes when the writer opened: ``done`` = what earlier attempts committed
                     self._status["resumed_at"] = done
-                    first = False
+                    opened, first = time.monotonic(), False
                 self._status.update(done=done, total=total, counts=counts)
             if self._stop.is_set():
                 raise KeyboardInterrupt
             if spec.hold is not None and spec.attempt == 0 and done >= spec.hold:
-                deadline = time.monotonic() + 30
+                hold()
+
+        def hold() -> None:
+            """Test hook (RayOptions.hold): stop working once the writer has committed part of the shard.
+
+            The writer commits at the first identity boundary it writes after its commit interval (1 s) since
+            opening: so wait that long once, let the next batches cross a boundary, then wait for the commit.
+            """
+            nonlocal waited
+            if _committed(out) == 0:
+                if not waited:
+                    time.sleep(max(0.0, opened + 1.2 - time.monotonic()))
+                    waited = True
+                    return
+                deadline = time.monotonic() + 5  # the packer writes what it holds within ~1 s
                 while _committed(out) == 0 and time.monotonic() < deadline and not self._stop.is_set():
-                    time.sleep(0.02)  # the packer commits at the next identity boundary it writes
-                with self._lock:
-                    self._status["held"] = True
-                self._stop.wait()  # until killed (the test) or stopped (Ctrl-C)
-                raise KeyboardInterrupt
+                    time.sleep(0.02)
+                if _committed(out) == 0:
+                    return  # try again after the next batch
+            with self._lock:
+                self._status["held"] = True
+            self._stop.wait()  # until killed (the test) or stopped (Ctrl-C)
+            raise KeyboardInterrupt
 
         _wait_for_folder(out)
         try:

@@ -1,0 +1,205 @@
+"""``gpu-align run --ray`` on a real local Ray runtime (CPU): the merged bytes equal ``--shard i/n`` runs + ``merge``,
+a killed worker's shard is retried from its resume state, a shard that keeps failing stops the job naming it, a
+stopped job continues with ``--resume``, a bad photo of one shard is in the merged report, and without Ray ``--ray``
+says how to install it.
+
+One Ray runtime for the module (2 CPUs; workers reserve fractions of a CPU so that 2 shared cores never deadlock),
+shut down at the end. Kills and stops happen at a known point: the worker of the chosen shard holds once its writer
+has committed part of it (``RayOptions.hold``) and the test acts when the driver's status shows it held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpu_align.demo.data import build_demo_dataset
+from gpu_align.pipeline import RunOptions, run
+from gpu_align.scale import RayOptions
+from gpu_align.scale.plan import PLAN_NAME, SHARDS_DIR, shard_dir, shard_sources
+from gpu_align.scan import scan_source
+from packer.errors import UserError
+from packer.layout import STATE_NAME
+from packer.merge import merge_datasets
+
+ray = pytest.importorskip("ray")
+
+OUTPUTS = ("train.rec", "train.idx", "train.lst", "property", "train.rec.crc")
+SHARDS = 3
+BAD = "n000005/zz_truncated.jpg"  # in shard 1 of 3
+
+
+def _opts(src: Path, out: Path, **kw) -> RunOptions:
+    return RunOptions(src=str(src), out=str(out), device="cpu", decoder="cpu", batch_size=2, quiet=True, **kw)
+
+
+def _ray_opts(**kw) -> RayOptions:
+    return RayOptions(shards=SHARDS, workers=2, worker_cpus=0.25, **kw)
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One local Ray runtime for every test here (~5 s to start)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """9 identities, 23 face photos, plus one truncated JPEG in identity n000005 (shard 1 of 3)."""
+    root = tmp_path_factory.mktemp("ray") / "photos"
+    build_demo_dataset(root, identities=9, images_per_identity=3, seed=5)
+    good = next((root / "n000005").iterdir()).read_bytes()
+    (root / BAD).write_bytes(good[: len(good) // 3])
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(photos, tmp_path_factory) -> Path:
+    """The sequential path: ``run --shard i/3`` for each i, then ``merge`` (what --ray must equal byte for byte)."""
+    base = tmp_path_factory.mktemp("ref")
+    dirs = []
+    for i in range(SHARDS):
+        d = base / f"s{i}"
+        run(_opts(photos, d, shard=(i, SHARDS)))
+        dirs.append(str(d))
+    merge_datasets(dirs, base / "merged")
+    return base / "merged"
+
+
+def _same(a: Path, b: Path) -> None:
+    for name in OUTPUTS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_shards_are_scan_source_shards(photos):
+    """The driver's one scan, cut: every shard equals what ``scan_source(shard=(i, n))`` scans on its own."""
+    full = scan_source(photos)
+    for n in (1, 2, 3, 4, 9):
+        for i, part in enumerate(shard_sources(full, n)):
+            if not part.items:  # one identity holds more than 1/n of the photos: --shard i/n has nothing either
+                with pytest.raises(UserError, match="no images to align in this shard"):
+                    scan_source(photos, shard=(i, n))
+                continue
+            assert part.items == scan_source(photos, shard=(i, n)).items, (i, n)
+            assert part.skipped == full.skipped
+
+
+def test_equals_sequential_shards_and_merge(ray_runtime, photos, reference, tmp_path):
+    """2 workers, 3 shards: the merged files equal the sequential shards + merge; one report holds the bad photo
+    of shard 1, each shard, each worker's throughput."""
+    from gpu_align.scale import run_ray
+
+    out = tmp_path / "out"
+    res = run_ray(_opts(photos, out), _ray_opts(keep_shards=True))
+    _same(reference, out)
+    assert res.shards == SHARDS and res.retries == 0 and res.inputs == 24
+    report = _report(out)
+    bad = [e for e in report["skipped"] if e["path"].endswith(BAD)]
+    assert len(bad) == 1 and bad[0]["reason"].startswith("truncated"), report["skipped"]
+    assert report["counts"]["inputs"] == 24 and report["counts"]["skipped"] == len(report["skipped"])
+    info = report["extra"]["ray"]
+    assert [s["shard"] for s in info["shards"]] == [0, 1, 2]
+    assert {s["worker"] for s in info["shards"]} <= {w["worker"] for w in info["workers"]}
+    assert sum(w["processed"] for w in info["workers"]) == 24
+    assert all(w["images_per_second"] for w in info["workers"] if w["shards"])
+    assert (out / "report.html").is_file()
+    assert (out / SHARDS_DIR / PLAN_NAME).is_file()  # kept: --keep-shards
+
+
+def test_killed_worker_is_retried_and_repeated_failure_stops_the_job(ray_runtime, photos, reference, tmp_path):
+    """kill -9 of the worker holding shard 0 (after its writer committed part of it): with --retries 0 the job stops
+    naming shard 0; ``--resume`` (killed once more) retries it on a new worker from its resume state: same bytes."""
+    from gpu_align.scale import run_ray
+    from gpu_align.scale.driver import ShardFailed
+
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_held(status: dict) -> None:
+        st = status["shards"].get(0)
+        if st and st.get("held") and st["pid"] not in killed:
+            killed.append(st["pid"])
+            os.kill(st["pid"], signal.SIGKILL)
+
+    with pytest.raises(ShardFailed, match=r"shard 0 of 3 \(.*shards/0\) failed: worker w\d \(pid \d+.*\) died"):
+        run_ray(_opts(photos, out), _ray_opts(retries=0, hold=(0, 1)), on_status=kill_held)
+    assert len(killed) == 1
+    state = json.loads((shard_dir(out, 0, SHARDS) / STATE_NAME).read_text())
+    assert state["done"] > 0  # part of shard 0 is committed
+
+    res = run_ray(_opts(photos, out, resume=True), _ray_opts(hold=(0, 1)), on_status=kill_held)
+    assert len(killed) == 2 and res.retries == 1
+    _same(reference, out)
+    info = _report(out)["extra"]["ray"]
+    shard0 = info["shards"][0]
+    assert shard0["attempts"] == 2 and shard0["resumed_at"] > 0, shard0
+    assert info["retries"][0]["shard"] == 0 and "died" in info["retries"][0]["error"]
+    assert not (out / SHARDS_DIR).exists()  # removed after the merge (no --keep-shards)
+
+
+def test_stopped_job_resumes(ray_runtime, photos, reference, tmp_path):
+    """The driver stopped (what Ctrl-C does) while shard 1 is held mid-way: every running shard stops cleanly and
+    keeps its commits; ``--resume`` finishes with the same bytes; a second ``--resume`` has nothing to do."""
+    from gpu_align.scale import run_ray
+
+    class Stop(Exception):
+        pass
+
+    def stop_when_held(status: dict) -> None:
+        if (status["shards"].get(1) or {}).get("held"):
+            raise Stop
+
+    out = tmp_path / "out"
+    with pytest.raises(Stop):
+        run_ray(_opts(photos, out), _ray_opts(hold=(1, 1)), on_status=stop_when_held)
+    assert json.loads((shard_dir(out, 1, SHARDS) / STATE_NAME).read_text())["done"] > 0
+    assert not (out / "train.rec").exists()
+    with pytest.raises(Exception, match="holds an unfinished Ray run: add --resume"):
+        run_ray(_opts(photos, out), _ray_opts())
+    res = run_ray(_opts(photos, out, resume=True), _ray_opts())
+    _same(reference, out)
+    assert res.retries == 0
+    assert _report(out)["extra"]["ray"]["shards"][1]["resumed_at"] > 0
+    again = run_ray(_opts(photos, out, resume=True), _ray_opts())
+    assert again.already_finished and again.images == res.images
+
+
+def test_cli_ray_flag_in_process(ray_runtime, photos, reference, tmp_path, capsys):
+    """``gpu-align run SRC --out DIR --ray --shards 3`` joins the runtime this process holds: same bytes, a summary."""
+    from gpu_align.cli import run as cli
+
+    out = tmp_path / "out"
+    args = ["run", str(photos), "--out", str(out), "--device", "cpu", "--decoder", "cpu", "--batch-size", "2"]
+    assert cli([*args, "--ray", "--shards", "3", "--workers", "1", "-q"]) == 0
+    _same(reference, out)
+    assert "3 shards on 1 workers" in capsys.readouterr().out
+    assert cli([*args, "--ray", "--shard", "0/2"]) == 2
+    assert "--shard and --ray exclude each other" in capsys.readouterr().err
+
+
+def test_without_ray_the_flag_says_how_to_install(photos, tmp_path):
+    """Ray made unimportable: one error line with the install command, exit 2, nothing written."""
+    out = tmp_path / "out"
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from gpu_align.cli import run\n"
+        f"sys.exit(run(['run', {str(photos)!r}, '--out', {str(out)!r}, '--ray']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "gpu-align[ray]"' in lines[0], proc.stderr
+    assert not out.exists()
