@@ -1,6 +1,6 @@
 """The device policy of gpu_align, in one place: which device a run uses, what runs where, and how device
 failures reach the user. The decoders, detectors, aligner and pipeline ask here instead of testing
-``device.type`` or ``torch.cuda`` themselves.
+``device.type`` or ``torch.cuda`` themselves (:func:`describe` names the device in reports).
 
 - :func:`check_device`: ``"auto"`` (where allowed) picks CUDA when torch sees a GPU; ``cuda`` without a GPU or
   ``cuda:N`` beyond the visible devices is one clear :class:`~gpu_align.errors.DeviceError` line, not a CUDA
@@ -209,6 +209,11 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
+def describe(device: torch.device) -> str:
+    """``device`` for reports: ``"cuda:0 (NVIDIA H100 80GB HBM3)"``, ``"cpu"``."""
+    return str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device``; asynchronous only towards CUDA (a non-blocking copy to the host could be read
     before it lands)."""
@@ -227,6 +232,7 @@ __all__ = [
     "cuda_index_error",
     "cuda_paths",
     "default_batch_size",
+    "describe",
     "fp32_precisions",
     "full_fp32",
     "is_out_of_memory",
