@@ -337,6 +337,8 @@ def _run(args: argparse.Namespace) -> int:
         detector=args.detector,
         min_score=args.min_score,
         refine=args.landmarks == "refined",
+        landmarks_csv=args.landmarks_csv,
+        boxes_csv=args.boxes_csv,
         save_crops=args.save_crops,
         shuffle=args.shuffle,
         resume=args.resume,
@@ -347,7 +349,6 @@ def _run(args: argparse.Namespace) -> int:
         fp16=args.fp16,
         quiet=args.quiet,
     )
-    opts.landmarks_csv, opts.boxes_csv = args.landmarks_csv, args.boxes_csv  # read by the scan (issue 12)
     if args.ray is not None:  # scale-out on Ray (gpu_align.scale)
         from gpu_align.scale.cli import execute as execute_ray
 

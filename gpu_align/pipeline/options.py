@@ -36,6 +36,8 @@ class RunOptions:
     detector: str = "mtcnn"
     min_score: float | None = None  # confidence floor; None: the detector's default (MTCNN 0.9)
     refine: bool = False  # experimental O-Net landmark refinement; False: the detector's raw landmarks
+    landmarks_csv: str | None = None  # VGGFace2 loose_landmark CSV: listed photos are warped with it, not detected
+    boxes_csv: str | None = None  # VGGFace2 loose_bb CSV: the detected face that best overlaps the box is kept
     save_crops: str | None = None
     shuffle: int | None = None
     resume: bool = False

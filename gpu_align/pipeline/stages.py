@@ -139,8 +139,8 @@ def run(opts: RunOptions, *, source: Source | None = None, progress: Progress | 
             shard=opts.shard,
             limit=opts.limit,
             lst_root=opts.lst_root,
-            landmarks_csv=getattr(opts, "landmarks_csv", None),
-            boxes_csv=getattr(opts, "boxes_csv", None),
+            landmarks_csv=opts.landmarks_csv,
+            boxes_csv=opts.boxes_csv,
         )
     if not opts.quiet:
         for m in source.csv:  # how --landmarks-csv / --boxes-csv met the photos (details in report.json)
