@@ -122,6 +122,16 @@ class AlignStage:
         self.crop_names = crop_names(items) if opts.save_crops else None
         self._picked: dict[int, Detections] = {}  # input index -> the face --boxes-csv chose (see _match_boxes)
 
+    def _as_failures(self, batch: DecodedBatch, bad: dict[int, str]) -> DecodedBatch:
+        """``batch`` with its rows ``bad`` (batch row -> reason) moved to its failures (kept in index order)."""
+        if not bad:
+            return batch
+        keep = Rows.where(k not in bad for k in range(len(batch)))
+        failures = sorted(
+            [*batch.failures, *((batch.indices[k], self.items[batch.indices[k]].path, r) for k, r in bad.items())]
+        )
+        return DecodedBatch(keep.take(batch.indices), keep.take(batch.images), failures)
+
     def _drop_bad_landmarks(self, batch: DecodedBatch) -> DecodedBatch:
         """Photos whose ``.lst`` landmarks cannot place a face (parse-time ``bad_landmarks``, or points more than
         one inter-ocular distance outside the decoded photo) become failures: never a black crop, never detected."""
@@ -135,13 +145,7 @@ class AlignStage:
                 why = landmarks_outside(it.landmarks.T.reshape(-1).tolist(), w, h)  # (5, 2) -> x1..x5 y1..y5
                 if why is not None:
                     bad[k] = f"bad landmarks: {why}"
-        if not bad:
-            return batch
-        keep = [k for k in range(len(batch.indices)) if k not in bad]
-        failures = sorted(
-            [*batch.failures, *((batch.indices[k], self.items[batch.indices[k]].path, r) for k, r in bad.items())]
-        )
-        return DecodedBatch([batch.indices[k] for k in keep], [batch.images[k] for k in keep], failures)
+        return self._as_failures(batch, bad)
 
     def _match_boxes(self, batch: DecodedBatch) -> DecodedBatch:
         """``--boxes-csv``: detect the photos that have a reference box (and no landmarks), keep the confident face
@@ -167,13 +171,7 @@ class AlignStage:
             else:
                 self._picked[i] = Detections(det.boxes[best : best + 1], det.scores[best : best + 1],
                                              det.landmarks[best : best + 1])
-        if not bad:
-            return batch
-        keep = [k for k in range(len(batch.indices)) if k not in bad]
-        failures = sorted(
-            [*batch.failures, *((batch.indices[k], self.items[batch.indices[k]].path, r) for k, r in bad.items())]
-        )
-        return DecodedBatch([batch.indices[k] for k in keep], [batch.images[k] for k in keep], failures)
+        return self._as_failures(batch, bad)
 
     def _given(self, batch: DecodedBatch) -> list[Detections | None]:
         """The ``.lst``'s (or ``--landmarks-csv``'s) landmarks where it has them, the face ``--boxes-csv`` chose
