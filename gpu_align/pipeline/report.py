@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from gpu_align import __version__
+from gpu_align.device import describe
 from gpu_align.pipeline.options import RunOptions, StageTimes
 from gpu_align.scan import Source
 from packer.process import peak_rss_mb
@@ -72,7 +73,7 @@ def run_report(
     return {
         "run": {
             "options": {k: v for k, v in asdict(opts).items() if k not in ("quiet",)},
-            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "device": describe(device),
             "decoder": repr(decoder) if decoder else None,
             "versions": versions(),
             "scan_skipped": [{"path": p, "reason": r} for p, r in source.skipped],
