@@ -262,7 +262,7 @@ def test_source_fingerprint_follows_the_files(tmp_path, jpeg):
 
 
 def test_source_errors(tmp_path, jpeg):
-    with pytest.raises(UserError, match=r"no such folder or \.lst file"):
+    with pytest.raises(UserError, match=r"nope: no such folder"):
         scan_source(tmp_path / "nope")
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.gif").write_bytes(jpeg)
