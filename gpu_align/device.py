@@ -9,6 +9,10 @@ failures reach the user. The decoders, detectors, aligner and pipeline ask here 
   ``tuning="cuda"`` so that CI runs them on CPU. :func:`default_batch_size`: photos per batch by device type.
 - :func:`to_device`, :func:`synchronize`: host→CUDA copies are asynchronous (never copies to the host, which could
   be read before they land); waiting for the device only where there is one.
+- :class:`HostCopy`, :class:`StageClock`: device→host copies and stage timing that do not wait. On CUDA the copy
+  goes into pinned memory behind the queued work and the clock records events, so a batch's warp and copy run
+  while the host goes on with the previous batch; the host waits once, when it reads them. On the CPU both are
+  the plain synchronous thing.
 - :func:`full_fp32`: torch 2.13 runs float32 cuDNN convolutions in TF32 by default (10-bit mantissa), so a GPU's
   detections and landmarks would not equal the CPU's. The aligner turns TF32 (and oneDNN's bf16/tf32 shortcuts)
   off for the duration of its network calls and restores the caller's settings afterwards.
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -226,8 +231,92 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class HostCopy:
+    """Device tensors copied to the host without waiting for them.
+
+    On CUDA each tensor is copied into pinned host memory with ``non_blocking=True`` on the current stream, behind
+    the work that computes it, and an event marks the end of the copies; :meth:`wait` blocks on that event only.
+    On the CPU the tensors are already on the host and :meth:`wait` returns them as they are.
+    """
+
+    def __init__(self, *tensors: torch.Tensor):
+        self._event = None
+        if tensors and tensors[0].device.type == "cuda":
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(self._host, tensors, strict=True):
+                h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = list(tensors)
+
+    def wait(self) -> list[torch.Tensor]:
+        """The host tensors (same shapes and dtypes as given), once the copies have landed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+class StageClock:
+    """Seconds per named stage, measured only when ``enabled``.
+
+    On CUDA each :meth:`lap` records an event instead of synchronising (GPU time, and the work stays queued);
+    :attr:`seconds` reads the events lazily, so ask for it after waiting for the batch (e.g. :meth:`HostCopy.wait`)
+    and it costs no extra stall. On the CPU a lap reads ``time.perf_counter``.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled = enabled
+        self._cuda = enabled and device.type == "cuda"
+        self._laps: list[tuple[str, object, object]] = []
+        self._last = self._mark() if enabled else None
+
+    def _mark(self):
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, stage: str) -> None:
+        """End the current stage, called ``stage`` (a stage lapped twice adds up)."""
+        if self.enabled:
+            now = self._mark()
+            self._laps.append((stage, self._last, now))
+            self._last = now
+
+    @property
+    def seconds(self) -> Mapping[str, float]:
+        """Seconds per stage; on CUDA a mapping that reads the events when first looked into."""
+        return _Laps(self._laps, self._cuda)
+
+
+class _Laps(Mapping[str, float]):
+    def __init__(self, laps: list[tuple[str, object, object]], cuda: bool):
+        self._laps, self._cuda, self._seconds = laps, cuda, None
+
+    def _resolved(self) -> dict[str, float]:
+        if self._seconds is None:
+            self._seconds = {}
+            for stage, start, end in self._laps:
+                dt = start.elapsed_time(end) / 1000 if self._cuda else end - start  # elapsed_time waits for `end`
+                self._seconds[stage] = self._seconds.get(stage, 0.0) + dt
+        return self._seconds
+
+    def __getitem__(self, stage: str) -> float:
+        return self._resolved()[stage]
+
+    def __iter__(self):
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
+
+
 __all__ = [
     "TUNINGS",
+    "HostCopy",
+    "StageClock",
     "check_device",
     "cuda_index_error",
     "cuda_paths",

@@ -26,9 +26,8 @@ which only find faces too small to be the target of a dataset photo.
 from __future__ import annotations
 
 import math
-import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +47,7 @@ from gpu_align.align.warp import (
 from gpu_align.detect import DETECTORS, Detections, FaceDetector, empty_detections, make_detector
 from gpu_align.detect.mtcnn import MTCNN
 from gpu_align.detect.select import POLICIES, SelectFn, Selection, select_faces
-from gpu_align.device import check_device, full_fp32, out_of_memory_stops, require_cuda, synchronize, to_device
+from gpu_align.device import StageClock, check_device, full_fp32, out_of_memory_stops, require_cuda, to_device
 from gpu_align.errors import DetectorError, UserError
 
 ON_MISS = ("skip", "center")
@@ -90,7 +89,7 @@ class AlignResult:
     num_confident: torch.Tensor | None = None
     runner_up_boxes: torch.Tensor | None = None
     runner_up_scores: torch.Tensor | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> torch.Tensor:
@@ -99,23 +98,6 @@ class AlignResult:
 
     def __len__(self) -> int:
         return len(self.miss_reason)
-
-
-class _StageClock:
-    """Seconds per stage, measured only when asked (it synchronises CUDA, which costs a little)."""
-
-    def __init__(self, device: torch.device, enabled: bool):
-        self.device, self.enabled = device, enabled
-        self.seconds: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        if not self.enabled:
-            return
-        synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
-        self._t = now
 
 
 @dataclass
@@ -297,7 +279,7 @@ class FaceAligner:
             choose (on for CPU, where P-Net runs ~1.5× faster).
         landmark_decimals: round the landmarks to this many decimals before the fit (``gpu-align run`` uses 2,
             what ``train.lst`` holds, so that packing the ``.lst`` reproduces the crops bit for bit).
-        timed: synchronise the device after each stage and report per-stage seconds in ``AlignResult.seconds``.
+        timed: report per-stage seconds in ``AlignResult.seconds`` (CUDA events on a GPU, read lazily).
         **detector_options: passed to the detector (for MTCNN, :class:`gpu_align.detect.mtcnn.MTCNN`'s
             ``min_face_size``, ``thresholds``, ``scale_factor``, ``nms_thresholds``, ``weights_dir``, ...).
     """
@@ -529,7 +511,7 @@ class FaceAligner:
             the batch come from one batched warp of the full-resolution images. With ``timed``, ``seconds``
             holds the time of each stage (detect, refine, warp).
         """
-        clock = _StageClock(self.device, self.timed)
+        clock = StageClock(self.device, self.timed)
         batch = self._batch(images, detections)
         dets = self._faces(batch)
         clock.lap("detect")

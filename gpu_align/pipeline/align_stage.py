@@ -19,6 +19,7 @@ from gpu_align.align.rows import Rows
 from gpu_align.align.warp import arcface_template, invert_affine, transform_points
 from gpu_align.decode import DecodedBatch
 from gpu_align.detect import Detections
+from gpu_align.device import HostCopy
 from gpu_align.pipeline.options import RunOptions, StageTimes
 from gpu_align.scan import InputItem
 from packer.lst import LstEntry, landmarks_outside
@@ -182,30 +183,6 @@ class AlignStage:
             for i in batch.indices
         ]
 
-    def _multi_face_notes(self, res: AlignResult) -> dict[int, dict[str, Any]]:
-        """Per batch row with several confident faces: the policy's choice and its runner-up, for report.json."""
-        multi = ((res.num_confident >= 2) & res.found).nonzero()[:, 0].tolist()
-        if not multi:
-            return {}
-        rows = torch.tensor(multi, device=res.found.device)
-        n = res.num_confident[rows].tolist()
-        box, score = res.boxes[rows].cpu().numpy(), res.scores[rows].tolist()
-        ru_box, ru_score = res.runner_up_boxes[rows].cpu().numpy(), res.runner_up_scores[rows].tolist()
-
-        def face(b: np.ndarray, p: float) -> dict[str, Any]:
-            return {"box": [round(float(v), 1) for v in b], "score": round(p, 4)}
-
-        return {
-            k: {
-                "kind": "multi-face",
-                "faces": n[j],
-                "select": self.aligner.select if isinstance(self.aligner.select, str) else "custom",
-                "chosen": face(box[j], score[j]),
-                "runner_up": face(ru_box[j], ru_score[j]),
-            }
-            for j, k in enumerate(multi)
-        }
-
     def _failure_metas(self, batch: DecodedBatch, skip_below: int, counts: dict[str, int]) -> dict[int, ItemMeta]:
         """The batch's decode (and bad-landmark) failures not yet written, by input index."""
         metas: dict[int, ItemMeta] = {}
@@ -216,61 +193,114 @@ class AlignStage:
                 counts["failed"] += 1
         return metas
 
-    def _lst_landmarks(self, res: AlignResult) -> np.ndarray:
-        """``(B, 5, 2)`` float32 host landmarks for ``train.lst``, at its precision; centre-crop fallbacks get
-        the landmarks that reproduce them (the template mapped back to the photo)."""
+    def _lst_landmarks(self, res: AlignResult) -> torch.Tensor:
+        """``(B, 5, 2)`` float32 landmarks for ``train.lst``, at its precision; centre-crop fallbacks get the
+        landmarks that reproduce them (the template mapped back to the photo)."""
         lms = torch.where(
             res.center[:, None, None],
             transform_points(invert_affine(res.transforms), self.template.expand(len(res), 5, 2)),
             res.landmarks,
         )
-        return _round_landmarks(lms).cpu().numpy()
+        return _round_landmarks(lms)
 
-    def _aligned_metas(
-        self, batch: DecodedBatch, skip_below: int, counts: dict[str, int]
-    ) -> tuple[dict[int, ItemMeta], np.ndarray]:
-        """Align ``batch``: the metas of its inputs not yet written, by input index, and their crops
-        (``(F, S, S, 3)`` uint8 host array; a meta's ``row`` is its crop's row)."""
-        res = self.aligner.align(batch.images, detections=self._given(batch))
-        t2 = time.perf_counter()
-        ok_l, center_l = res.ok.tolist(), res.center.tolist()
-        # crops of the inputs not written yet go to the packer, compacted (indices ascend within a batch)
-        sent = Rows.where(ok and i >= skip_below for ok, i in zip(ok_l, batch.indices, strict=True))
-        crops = res.crops[sent.index(self.device)].cpu().numpy()
-        lms = self._lst_landmarks(res)
-        boxes = res.boxes.cpu().numpy()
-        notes = self._multi_face_notes(res)
-        t3 = time.perf_counter()
-        self.times.detect += res.seconds.get("detect", 0.0)
-        self.times.refine += res.seconds.get("refine", 0.0)
-        self.times.warp += res.seconds.get("warp", 0.0)
-        self.times.transfer += t3 - t2
-        metas: dict[int, ItemMeta] = {}
-        for k, i in enumerate(batch.indices):
-            if i < skip_below:
-                continue
-            it = self.items[i]
-            if k in sent:
-                box = boxes[k]
-                if center_l[k]:  # a centre-crop fallback's box: the whole photo
-                    h, w = batch.images[k].shape[:2]
-                    box = (0, 0, w, h)
-                lst = _lst_entry(it.path, box, lms[k])
-                name = self.crop_names[i] if self.crop_names else ""
-                metas[i] = ItemMeta(i, it.group, it.path, sent.position(k), lst, None, name, notes.get(k))
-                counts["center" if center_l[k] else "found"] += 1
-            else:
-                metas[i] = ItemMeta(i, it.group, it.path, skip_reason=res.miss_reason[k] or "no face")
-                counts["missed"] += 1
-        return metas, crops
+    def start(self, batch: DecodedBatch, skip_below: int) -> PendingBatch:
+        """Queue the alignment of ``batch`` and the copy of its results to the host; :meth:`PendingBatch.finish`
+        makes the packer's message. Inputs with index < ``skip_below`` (already written) are left out of it.
 
-    def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
-        """Align ``batch``; inputs with index < ``skip_below`` (already written) are left out of the message."""
+        On CUDA nothing here waits for the warp or the copy: the caller decodes (and starts) the next batch, then
+        finishes this one, so the device works while the host builds and sends the previous message.
+        """
         batch = self._match_boxes(self._drop_bad_landmarks(batch))
         counts = dict(found=0, center=0, missed=0, failed=0)
         metas = self._failure_metas(batch, skip_below, counts)
-        crops = np.zeros((0, self.aligner.image_size, self.aligner.image_size, 3), np.uint8)
-        if batch.images:
-            aligned, crops = self._aligned_metas(batch, skip_below, counts)
-            metas.update(aligned)
-        return CropBatch([m for _, m in sorted(metas.items())], np.ascontiguousarray(crops)), counts
+        if not batch.images:
+            return PendingBatch(self, batch, skip_below, counts, metas)
+        res = self.aligner.align(batch.images, detections=self._given(batch))
+        copy = HostCopy(res.crops, _per_photo(res, self._lst_landmarks(res)))
+        return PendingBatch(self, batch, skip_below, counts, metas, res, copy)
+
+    def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
+        """Align ``batch`` and make its message at once (:meth:`start`, then :meth:`PendingBatch.finish`)."""
+        return self.start(batch, skip_below).finish()
+
+
+# Columns of the per-photo host table (one copy to the host instead of one per field).
+_OK, _CENTER, _MULTI, _FACES, _SCORE, _RU_SCORE = range(6)
+_BOX, _RU_BOX, _LMS = slice(6, 10), slice(10, 14), slice(14, 24)
+
+
+def _per_photo(res: AlignResult, lms: torch.Tensor) -> torch.Tensor:
+    """``(B, 24)`` float32 on the device: ok, center, multi-face, confident faces, score, runner-up score, box,
+    runner-up box, ``train.lst`` landmarks (x, y pairs); all float32 or small integers, so the values are exact."""
+    multi = (res.num_confident >= 2) & res.found
+    flags = (res.ok, res.center, multi, res.num_confident, res.scores, res.runner_up_scores)
+    flags = torch.stack([f.float() for f in flags], 1)
+    return torch.cat([flags, res.boxes, res.runner_up_boxes, lms.reshape(len(res), 10)], 1)
+
+
+def _face(box: np.ndarray, score: float) -> dict[str, Any]:
+    return {"box": [round(float(v), 1) for v in box], "score": round(score, 4)}
+
+
+class PendingBatch:
+    """One batch between :meth:`AlignStage.start` and its message: the aligner's result and its host copy."""
+
+    def __init__(self, stage: AlignStage, batch: DecodedBatch, skip_below: int, counts: dict[str, int],
+                 metas: dict[int, ItemMeta], res: AlignResult | None = None, copy: HostCopy | None = None):
+        self.stage, self.batch, self.skip_below, self.counts, self.metas = stage, batch, skip_below, counts, metas
+        self.res, self.copy = res, copy
+
+    def finish(self) -> tuple[CropBatch, dict[str, int]]:
+        """Wait for the host copy and make the packer's message (metas in input order, the crops they name)."""
+        size = self.stage.aligner.image_size
+        crops = np.zeros((0, size, size, 3), np.uint8)
+        if self.copy is not None:
+            t0 = time.perf_counter()
+            all_crops, table = (t.numpy() for t in self.copy.wait())
+            crops = self._aligned(all_crops, table)
+            self._add_times(time.perf_counter() - t0)
+        return CropBatch([m for _, m in sorted(self.metas.items())], np.ascontiguousarray(crops)), self.counts
+
+    def _add_times(self, transfer: float) -> None:
+        times, seconds = self.stage.times, self.res.seconds  # the events have completed: reading them is free
+        times.detect += seconds.get("detect", 0.0)
+        times.refine += seconds.get("refine", 0.0)
+        times.warp += seconds.get("warp", 0.0)
+        times.transfer += transfer
+
+    def _note(self, row: np.ndarray) -> dict[str, Any]:
+        """A multi-face photo's report note: the policy's choice and its runner-up."""
+        select = self.stage.aligner.select
+        return {
+            "kind": "multi-face",
+            "faces": int(row[_FACES]),
+            "select": select if isinstance(select, str) else "custom",
+            "chosen": _face(row[_BOX], float(row[_SCORE])),
+            "runner_up": _face(row[_RU_BOX], float(row[_RU_SCORE])),
+        }
+
+    def _aligned(self, all_crops: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """Add the metas of the aligned photos not yet written; returns their crops, ``(F, S, S, 3)`` uint8, in
+        the order of the metas' ``row``."""
+        stage, batch, items = self.stage, self.batch, self.stage.items
+        ok = table[:, _OK] > 0
+        sent = Rows.where(bool(o) and i >= self.skip_below for o, i in zip(ok, batch.indices, strict=True))
+        for k, i in enumerate(batch.indices):
+            if i < self.skip_below:
+                continue
+            it, row = items[i], table[k]
+            if k in sent:
+                center = row[_CENTER] > 0
+                box = row[_BOX]
+                if center:  # a centre-crop fallback's box: the whole photo
+                    h, w = batch.images[k].shape[:2]
+                    box = (0, 0, w, h)
+                lst = _lst_entry(it.path, box, row[_LMS].reshape(5, 2))
+                name = stage.crop_names[i] if stage.crop_names else ""
+                note = self._note(row) if row[_MULTI] > 0 else None
+                self.metas[i] = ItemMeta(i, it.group, it.path, sent.position(k), lst, None, name, note)
+                self.counts["center" if center else "found"] += 1
+            else:
+                self.metas[i] = ItemMeta(i, it.group, it.path, skip_reason=self.res.miss_reason[k] or "no face")
+                self.counts["missed"] += 1
+        return all_crops[list(sent.ids)] if len(sent) != len(all_crops) else all_crops

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_align.decode import make_decoder
-from gpu_align.pipeline.align_stage import AlignStage
+from gpu_align.pipeline.align_stage import AlignStage, PendingBatch
 from gpu_align.pipeline.options import RunOptions, RunResult, StageTimes, check_options, resolve_device
 from gpu_align.pipeline.report import input_config, run_report
 from gpu_align.pipeline.resume import INPUTS_NAME, check_inputs, remove_inputs, write_inputs
@@ -85,35 +85,50 @@ def _align_all(
     counts: dict[str, int],
     progress: Progress | None = None,
 ) -> int:
-    """Decode, align and send every input from ``done`` on; returns how many were sent."""
+    """Decode, align and send every input from ``done`` on; returns how many were sent.
+
+    One batch in flight: batch N+1 is decoded and started (queued on the device) before batch N's message is
+    finished and sent, so on CUDA the warp and host copy of a batch overlap the host's work on the one before.
+    Messages still go out in input order.
+    """
     if done >= len(items):
         return 0
     start = (done // opts.batch_size) * opts.batch_size  # restart at the batch boundary: the same batches
     processed = 0
     with _progress(opts, len(items), done) as bar:
+
+        def send(pending: PendingBatch) -> None:
+            nonlocal processed
+            msg, c = pending.finish()
+            for k in counts:
+                counts[k] += c[k]
+            if not msg.items:
+                return
+            times.queue_wait += packer.send(msg)
+            processed += len(msg.items)
+            bar.update(len(msg.items))
+            bar.set_postfix(
+                faces=counts["found"], missed=counts["missed"] + counts["center"], bad=counts["failed"], refresh=False
+            )
+            if progress is not None:
+                progress(done + processed, len(items), dict(counts))
+
         batches = decoder.batches(decode_items(items[start:]))  # archive members carry their bytes
+        in_flight: PendingBatch | None = None
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
             times.decode += time.perf_counter() - t0
             if batch is None:
-                return processed
+                break
             packer.check()
-            msg, c = aligner(batch, skip_below=done)
-            for k in counts:
-                counts[k] += c[k]
-            if msg.items:
-                times.queue_wait += packer.send(msg)
-                processed += len(msg.items)
-                bar.update(len(msg.items))
-                bar.set_postfix(
-                    faces=counts["found"],
-                    missed=counts["missed"] + counts["center"],
-                    bad=counts["failed"],
-                    refresh=False,
-                )
-                if progress is not None:
-                    progress(done + processed, len(items), dict(counts))
+            started = aligner.start(batch, skip_below=done)
+            if in_flight is not None:
+                send(in_flight)
+            in_flight = started
+        if in_flight is not None:
+            send(in_flight)
+        return processed
 
 
 def run(opts: RunOptions, *, source: Source | None = None, progress: Progress | None = None) -> RunResult:
