@@ -22,9 +22,9 @@ shuffle, ``property``, ``report.json``; ``rename``: partials to final names, ``r
 file is removed), each redone from its start after a crash. The output depends only on the inputs and the
 settings, so a pack killed at any moment and resumed is byte-identical to an uninterrupted one.
 
-Test hook: ``GPU_ALIGN_TEST_SLOW_WRITE=<seconds>`` sleeps that long per input, per shuffled record and between
-closing steps, and commits at every identity boundary, so tests can SIGKILL a pack mid-way. It does not change
-the output.
+Parts (package :mod:`packer.writer`): ``folder`` (the lock, what the folder holds at open), ``journal`` (the
+partial files and the state file), ``records`` (the bytes of an identity, the meta records, the shuffle) and
+``report`` (``report.json``). This class holds the counters and runs the phases.
 """
 
 from __future__ import annotations
@@ -32,20 +32,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, cast
 
-import numpy as np
-
-from packer import crcfile, recordio
+from packer import crcfile
 from packer.errors import UserError
-from packer.fsutil import atomic_write, fsync_dir, sync_file
-from packer.lst import LST_ENCODING, LST_ERRORS, LstEntry, format_lst_line
+from packer.fsutil import atomic_write, fsync_dir
+from packer.lst import LstEntry
+from packer.writer import records
+from packer.writer.folder import FolderLock, check_same_config, examine
+from packer.writer.journal import Journal
+from packer.writer.names import OUTPUT_ORDER, PARTIAL, REPORT_NAME, SHUFFLED, STATE_NAME, STREAM, our_names
+from packer.writer.records import shuffle_order
+from packer.writer.report import WriteSummary, build_report, jsonable, report_bytes, summary_of
 
 __all__ = [
     "LABEL_STYLES",
@@ -59,24 +61,7 @@ __all__ = [
 
 LAYOUTS = ("insightface", "flat")
 LABEL_STYLES = ("scalar", "pair")
-STATE_NAME = "pack.state.json"
-REPORT_NAME = "report.json"
-SLOW_ENV = "GPU_ALIGN_TEST_SLOW_WRITE"
-_STATE_FORMAT = "gpu-align pack state"
-_REPORT_FORMAT = "gpu-align pack report"
-_PARTIAL = ".partial"
-_SHUFFLED = ".shuffled.partial"
-# Files appended while streaming: key -> final (or internal) name; their partials are "<name>.partial".
-_STREAM = {
-    "rec": "train.rec",
-    "idx": "train.idx",
-    "lst": "train.lst",
-    "skipped": "skipped.jsonl",
-    "notes": "notes.jsonl",
-    "groups": "groups.jsonl",
-    "crc": "train.rec.crc",  # one checksum per record (packer.crcfile), read by verify
-}
-_OUTPUT_ORDER = ("train.rec", "train.idx", "train.rec.crc", "train.lst", "property", REPORT_NAME)  # report last
+_RECORD_OUTPUTS = ("train.rec", "train.idx", "train.rec.crc")
 
 
 class _NoGroup:
@@ -109,48 +94,30 @@ class PackItem:
     note: dict[str, Any] | None = None
 
 
-@dataclass
-class WriteSummary:
-    """Counts of a finished dataset (read back from its ``report.json``)."""
-
-    out_dir: Path
-    layout: str
-    label_style: str
-    num_inputs: int
-    num_images: int
-    num_classes: int
-    num_skipped: int
-    dropped_identities: int
-    skipped_by_reason: dict[str, int] = field(default_factory=dict)
-    report_path: Path | None = None
-    resumed_from: int = 0  # inputs that were already written when this writer opened
-    already_finished: bool = False  # resume found the dataset finished: nothing was written
-
-
-def shuffle_order(n: int, seed: int) -> np.ndarray:
-    """The flat layout's record order: position j holds input record ``order[j]``. (n,) int64."""
-    if n == 0:
-        return np.zeros(0, np.int64)
-    return np.random.RandomState(seed).permutation(n).astype(np.int64)  # legacy RandomState: a frozen stream
-
-
-def _record_spans(f: BinaryIO, size: int) -> list[tuple[int, int]]:
-    """``[start, end)`` of each record in the first ``size`` bytes of the open ``.rec`` ``f``."""
-    spans = []
-    for offset, _ in recordio.scan_records(f):
-        if offset >= size:
-            break
-        spans.append((offset, f.tell()))
-    return spans
-
-
-def _report_bytes(obj: Any) -> bytes:
-    # Readable UTF-8; file names that are not valid UTF-8 (surrogate escapes) become \udcXX JSON escapes.
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
+def _check_settings(
+    layout: str, label_style: str, image_size: int | tuple[int, int], min_images: int, shuffle_seed: int | None
+) -> tuple[int, int]:
+    """UserError for settings that do not go together; returns the image size as ``(H, W)``."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    if label_style not in LABEL_STYLES:
+        raise UserError(f"unknown label style {label_style!r}; choose one of: {', '.join(LABEL_STYLES)}")
+    if layout == "flat" and label_style != "scalar":
+        raise UserError(
+            "the flat layout stores scalar labels (DALI's mxnet reader returns flag-many labels per "
+            "sample); --label-style pair applies to the insightface layout only"
+        )
+    if shuffle_seed is not None and layout != "flat":
+        raise UserError(
+            "--shuffle needs --layout flat: the insightface layout keeps each identity's images on "
+            "consecutive keys, which its identity records describe"
+        )
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if int(h) < 1 or int(w) < 1:
+        raise UserError(f"image size must be positive, got {h}x{w}")
+    if int(min_images) < 1:
+        raise UserError(f"min_images must be at least 1, got {min_images}")
+    return int(h), int(w)
 
 
 class DatasetWriter:
@@ -196,34 +163,15 @@ class DatasetWriter:
         commit_interval: float = 1.0,
         companions: Sequence[str] = (),
     ):
-        if layout not in LAYOUTS:
-            raise UserError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-        if label_style not in LABEL_STYLES:
-            raise UserError(f"unknown label style {label_style!r}; choose one of: {', '.join(LABEL_STYLES)}")
-        if layout == "flat" and label_style != "scalar":
-            raise UserError(
-                "the flat layout stores scalar labels (DALI's mxnet reader returns flag-many labels per "
-                "sample); --label-style pair applies to the insightface layout only"
-            )
-        if shuffle_seed is not None and layout != "flat":
-            raise UserError(
-                "--shuffle needs --layout flat: the insightface layout keeps each identity's images on "
-                "consecutive keys, which its identity records describe"
-            )
-        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if int(h) < 1 or int(w) < 1:
-            raise UserError(f"image size must be positive, got {h}x{w}")
-        if int(min_images) < 1:
-            raise UserError(f"min_images must be at least 1, got {min_images}")
+        self.image_size = _check_settings(layout, label_style, image_size, min_images, shuffle_seed)
         self.out_dir = Path(out_dir)
         self.layout = layout
         self.label_style = label_style
-        self.image_size = (int(h), int(w))
         self.min_images = int(min_images)
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.write_lst = bool(write_lst)
         self.companions = tuple(companions)
-        self.config = _jsonable(
+        self.config = jsonable(
             {
                 "writer": {
                     "layout": layout,
@@ -236,220 +184,84 @@ class DatasetWriter:
                 "input": config or {},
             }
         )
-        self._slow = float(os.environ.get(SLOW_ENV) or 0)
-        self.commit_interval = 0.0 if self._slow else float(commit_interval)
+        self.commit_interval = float(commit_interval)
         self._first_key = 1 if layout == "insightface" else 0
-        self._state_path = self.out_dir / STATE_NAME
-        self._files: dict[str, BinaryIO] = {}
-        self._sizes = dict.fromkeys(_STREAM, 0)
+        self._journal = Journal(self.out_dir)
+        # counters, committed with the journal
         self._inputs = 0
         self._num_images = 0
         self._num_skipped = 0
         self._dropped = 0
-        self._ranges: list[tuple[int, int]] = []
+        self._ranges: list[tuple[int, int]] = []  # [first_key, end_key) of each labelled identity
         self._seen: set[str] = set()
+        # the identity being collected
         self._buf: list[PackItem] = []
         self._cur: object = _NO_GROUP
-        self._phase = "stream"
-        self._outputs: dict[str, str] = {}
+        self._phase = "stream"  # "stream" -> "finalize" -> "rename"
+        self._outputs: dict[str, str] = {}  # final name -> the file that becomes it
         self._finished_report: dict | None = None
-        self._broken = False  # a write failed part-way: the in-memory sizes no longer match the files
         self._closed = False
         self.report: dict[str, Any] | None = None  # the finished report.json, once closed
         self._last_commit = time.monotonic()
         self.done = 0
-        self._lock_fd: int | None = None
-        self._lock()
+        self._lock = FolderLock(self.out_dir)
         try:
             self._open(resume=resume, overwrite=overwrite)
         except BaseException:
-            self._unlock()
+            self._lock.release()
             raise
         self.done = self._resumed_from = self._inputs
 
     # ------------------------------------------------------------------------------------------ opening
 
-    def _lock(self) -> None:
-        """One writer per folder: an exclusive ``flock`` on the folder itself, released by the kernel if we die."""
-        if not self.out_dir.exists():
-            self.out_dir.mkdir(parents=True)
-        elif not self.out_dir.is_dir():
-            raise UserError(f"{self.out_dir} exists and is not a folder")
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return
-        fd = os.open(self.out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(
-                f"{self.out_dir} is being written by another gpu-align process; wait for it to finish, or stop "
-                "it and then continue its work with --resume"
-            ) from None
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
-
-    def _partial(self, key: str) -> Path:
-        return self.out_dir / (_STREAM[key] + _PARTIAL)
-
-    def _our_names(self) -> list[str]:
-        names = [*_OUTPUT_ORDER, STATE_NAME, STATE_NAME + ".tmp", "report.html", "report.html.tmp"]
-        names += [n + _PARTIAL for n in (*_STREAM.values(), "property", REPORT_NAME)]
-        names += [n + _SHUFFLED for n in ("train.rec", "train.idx", "train.rec.crc", "train.lst")]
-        return names + [n for c in self.companions for n in (c, c + ".tmp")]
+    def _stream_keys(self) -> list[str]:
+        return [key for key in STREAM if key != "lst" or self.write_lst]
 
     def _open(self, *, resume: bool, overwrite: bool) -> None:
-        out = self.out_dir
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out} exists and is not a folder")
-        if overwrite:
-            if out.is_dir():
-                for name in self._our_names():
-                    (out / name).unlink(missing_ok=True)
-        elif self._state_path.exists():
-            state = self._read_state()
-            if not resume:
-                raise UserError(
-                    f"{out} holds an unfinished pack ({state.get('done', 0)} inputs written): add --resume to "
-                    "continue it, or --overwrite to start again"
-                )
-            self._resume(state)
-            return
-        elif out.is_dir() and resume and self._only_uncommitted_partials():
-            for name in os.listdir(out):  # killed before its first commit: nothing to keep, start afresh
-                (out / name).unlink()
-        elif out.is_dir() and any(out.iterdir()):
-            report = self._read_finished_report()
-            if report is not None and resume:
-                self._check_config(report.get("config"), f"the finished pack's {REPORT_NAME}")
-                self._finished_report = report
-                self._inputs = int(report["counts"]["inputs"])
-                return
-            if report is not None:
-                raise UserError(
-                    f"{out} already holds a finished dataset ({report['counts']['images']} images); use "
-                    "--overwrite to rebuild it, or choose another folder"
-                )
-            shown = sorted(os.listdir(out))
-            listing = ", ".join(shown[:3]) + (f", … ({len(shown)} entries)" if len(shown) > 3 else "")
-            # No state file: there is nothing to resume, so never suggest --resume here.
-            if (out / "train.rec").exists():
-                what = f"holds a dataset that gpu-align did not finish writing there ({listing})"
-            else:
-                what = f"is not empty and holds no pack to resume ({listing})"
-            raise UserError(
-                f"{out} {what}; choose another folder, or use --overwrite to replace gpu-align's files there "
-                "(other files are kept)"
-            )
-        out.mkdir(parents=True, exist_ok=True)
+        found = examine(self.out_dir, our_names(self.companions), self._journal, resume=resume, overwrite=overwrite)
+        if found.state is not None:
+            self._resume(found.state)
+        elif found.report is not None:
+            where = f"the finished pack's {REPORT_NAME}"
+            check_same_config(self.out_dir, found.report.get("config"), self.config, where)
+            self._finished_report = found.report
+            self._inputs = int(found.report["counts"]["inputs"])
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            for key in _STREAM:
-                if key != "lst" or self.write_lst:
-                    self._files[key] = open(self._partial(key), "wb")  # noqa: SIM115 - closed in close()/abort()
-            self._write("crc", crcfile.HEADER)
+            self._journal.create(self._stream_keys())
+            self._journal.append({"crc": crcfile.HEADER})
             self._commit()
         except BaseException:
             # Nothing was committed: leave no stray partials, so that rerunning the same command just works.
-            self._close_handles()
-            for key in _STREAM:
-                with contextlib.suppress(OSError):
-                    self._partial(key).unlink(missing_ok=True)
+            self._journal.discard()
             raise
 
-    def _only_uncommitted_partials(self) -> bool:
-        names = os.listdir(self.out_dir)
-        ours = set(self._our_names()) - set(_OUTPUT_ORDER)
-        return bool(names) and all(n in ours and (self.out_dir / n).is_file() for n in names)
-
-    def _read_state(self) -> dict:
-        try:
-            state = json.loads(self._state_path.read_bytes())
-            if state.get("format") != _STATE_FORMAT:
-                raise ValueError("not a gpu-align pack state")
-            return state
-        except (OSError, ValueError) as e:
-            raise UserError(f"{self._state_path} is unreadable ({e}); rerun with --overwrite to start again") from None
-
-    def _read_finished_report(self) -> dict | None:
-        try:
-            report = json.loads((self.out_dir / REPORT_NAME).read_bytes())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(report, dict) or report.get("format") != _REPORT_FORMAT:
-            return None
-        if not all((self.out_dir / name).is_file() for name in report.get("files", [])):
-            return None
-        return report
-
-    def _check_config(self, saved: Any, where: str) -> None:
-        if saved == self.config:
-            return
-        diffs = []
-        saved = saved if isinstance(saved, dict) else {}
-        for section in ("writer", "input"):
-            old, new = saved.get(section) or {}, self.config[section]
-            for key in sorted(set(old) | set(new)):
-                if old.get(key) != new.get(key):
-                    diffs.append(f"{key}: {old.get(key)!r} then, {new.get(key)!r} now")
-        raise UserError(
-            f"{self.out_dir} was written with other settings or inputs ({'; '.join(diffs) or where}); "
-            "rerun with the same ones, or use --overwrite to start again"
-        )
-
     def _resume(self, state: dict) -> None:
-        self._check_config(state.get("config"), STATE_NAME)
+        check_same_config(self.out_dir, state.get("config"), self.config, STATE_NAME)
         self._phase = state["phase"]
-        self._sizes = {k: int(state["sizes"].get(k, 0)) for k in _STREAM}
         self._inputs = int(state["done"])
         self._num_images = int(state["num_images"])
         self._num_skipped = int(state["num_skipped"])
         self._dropped = int(state["dropped"])
         self._outputs = dict(state.get("outputs") or {})
-        if self._phase == "rename":
-            return  # everything is written; close() finishes the renames
-        for key in _STREAM:
-            if key == "lst" and not self.write_lst:
-                continue
-            path = self._partial(key)
-            try:
-                f = open(path, "r+b")  # noqa: SIM115 - closed in close()/abort()
-            except FileNotFoundError:
-                if key == "crc" and "crc" not in state["sizes"]:
-                    # a pack begun before checksums existed: checksum what it committed (rec is truncated by now)
-                    f = open(path, "w+b")  # noqa: SIM115 - closed in close()/abort()
-                    with open(self._partial("rec"), "rb") as rec:
-                        spans = _record_spans(rec, self._sizes["rec"])
-                        self._sizes["crc"] = f.write(crcfile.HEADER + crcfile.span_entries(rec, spans))
-                    f.flush()
-                elif key != "notes" or self._sizes[key]:
-                    raise UserError(f"{path} is missing; this pack cannot be resumed, rerun with --overwrite") from None
-                else:
-                    f = open(path, "w+b")  # noqa: SIM115 - a pack begun before notes existed: nothing was noted yet
-            self._files[key] = f
-            have = os.fstat(f.fileno()).st_size
-            if have < self._sizes[key]:
-                raise UserError(
-                    f"{path} has {have} bytes, fewer than the {self._sizes[key]} committed; this pack cannot be "
-                    "resumed, rerun with --overwrite"
-                )
-            f.truncate(self._sizes[key])  # drop what was written after the last commit
-            f.seek(self._sizes[key])
-        groups = self._files["groups"]
-        groups.seek(0)
-        for line in groups.read(self._sizes["groups"]).splitlines():
+        renaming = self._phase == "rename"  # everything is written; close() finishes the renames
+        self._journal.reopen([] if renaming else self._stream_keys(), state["sizes"])
+        if not renaming:
+            self._restore_groups(int(state["num_classes"]))
+
+    def _restore_groups(self, num_classes: int) -> None:
+        """The identities seen and the labelled ranges, from the committed ``groups.jsonl``."""
+        for line in self._journal.read("groups").splitlines():
             g = json.loads(line)
             self._seen.add(g["group"])
             if g["label"] is not None:
                 self._ranges.append((g["start"], g["end"]))
-        groups.seek(self._sizes["groups"])
-        if len(self._ranges) != int(state["num_classes"]):
-            raise UserError(f"{self._partial('groups')} does not match {STATE_NAME}; rerun with --overwrite")
+        if len(self._ranges) != num_classes:
+            raise UserError(f"{self._journal.partial('groups')} does not match {STATE_NAME}; rerun with --overwrite")
 
     # ------------------------------------------------------------------------------------------ writing
 
@@ -462,8 +274,6 @@ class DatasetWriter:
     def add(self, item: PackItem) -> None:
         """Add the next input. Its records are written when its identity's last input has arrived."""
         self._check_writable()
-        if self._slow:
-            time.sleep(self._slow)
         if item.group != self._cur:
             if self._cur is not _NO_GROUP:
                 self._finish_group()
@@ -476,78 +286,40 @@ class DatasetWriter:
         self._buf.append(item)
 
     def _finish_group(self) -> None:
-        items, group = self._buf, self._cur
+        items, group = self._buf, cast(str, self._cur)  # PackItem.group as given (not converted)
         self._buf, self._cur = [], _NO_GROUP
         n_good = sum(it.body is not None for it in items)
         keep = n_good >= self.min_images
         label = len(self._ranges) if keep and n_good else None
-        too_few = f"too few images: identity has {n_good}, fewer than min_images={self.min_images}"
-        recs: list[bytes] = []
-        crcs: list[bytes] = []
-        idx: list[str] = []
-        lsts: list[str] = []
-        skipped: list[str] = []
-        notes = [json.dumps({"path": it.source, "group": group, **it.note}) + "\n" for it in items if it.note]
-        key = start = self._first_key + self._num_images
-        offset = self._sizes["rec"]
+        first = self._first_key + self._num_images
+        written = records.encode_group(
+            items,
+            group,
+            label=label,
+            first_key=first,
+            offset=self._journal.sizes["rec"],
+            label_style=self.label_style,
+            write_lst=self.write_lst,
+            too_few=f"too few images: identity has {n_good}, fewer than min_images={self.min_images}",
+        )
+        self._journal.append(written.chunks)
         if label is not None:
-            label_value = [float(label), 1.0] if self.label_style == "pair" else float(label)
-        for it in items:
-            if it.body is None or label is None:
-                reason = (it.skip_reason or "no image") if it.body is None else too_few
-                entry = {"path": it.source or (it.lst.path if it.lst else ""), "reason": reason, "group": group}
-                skipped.append(json.dumps(entry) + "\n")
-                continue
-            rec = recordio.encode_record(recordio.pack(recordio.IRHeader(0, label_value, key, 0), it.body))
-            recs.append(rec)
-            crcs.append(crcfile.entry(rec))
-            idx.append(f"{key}\t{offset}\n")
-            offset += len(rec)
-            key += 1
-            if self.write_lst:
-                e = it.lst if it.lst is not None else LstEntry(1, it.source or f"{group}/{key - 1}", 0)
-                lsts.append(format_lst_line(e.with_label(label)) + "\n")
-        line = {"group": group, "label": label, "start": start, "end": key, "inputs": len(items)}
-        try:
-            self._write("rec", b"".join(recs))
-            self._write("idx", "".join(idx).encode())
-            self._write("crc", b"".join(crcs))
-            if self.write_lst:
-                self._write("lst", "".join(lsts).encode(LST_ENCODING, LST_ERRORS))
-            self._write("skipped", "".join(skipped).encode())
-            self._write("notes", "".join(notes).encode())
-            self._write("groups", (json.dumps(line) + "\n").encode())
-        except BaseException:
-            self._broken = True
-            raise
-        if label is not None:
-            self._ranges.append((start, key))
+            self._ranges.append((first, written.end_key))
         self._seen.add(group)
-        self._num_images += len(recs)
-        self._num_skipped += len(skipped)
+        self._num_images += written.images
+        self._num_skipped += written.skipped
         self._dropped += int(n_good > 0 and not keep)
         self._inputs += len(items)
         if time.monotonic() - self._last_commit >= self.commit_interval:
             self._commit()
 
-    def _write(self, key: str, data: bytes) -> None:
-        if data:
-            self._files[key].write(data)
-            self._sizes[key] += len(data)
-
     def _commit(self) -> None:
-        """Make everything written so far durable and record it: fsync the partials, then replace the state."""
-        if self._broken:
-            raise RuntimeError("cannot commit after a failed write")
-        try:
-            for f in self._files.values():
-                sync_file(f)
-            state = {
-                "format": _STATE_FORMAT,
-                "version": 1,
+        """Make everything written so far durable and record it (see :meth:`packer.writer.journal.Journal.commit`)."""
+        self._journal.commit(
+            {
                 "phase": self._phase,
                 "done": self._inputs,
-                "sizes": self._sizes,
+                "sizes": self._journal.sizes,
                 "num_images": self._num_images,
                 "num_classes": len(self._ranges),
                 "num_skipped": self._num_skipped,
@@ -555,18 +327,11 @@ class DatasetWriter:
                 "outputs": self._outputs,
                 "config": self.config,
             }
-            atomic_write(self._state_path, (json.dumps(state, indent=1) + "\n").encode())
-        except BaseException:
-            self._broken = True
-            raise
+        )
         self._last_commit = time.monotonic()
         self.done = self._inputs
 
     # ------------------------------------------------------------------------------------------ closing
-
-    def _step(self) -> None:
-        if self._slow:
-            time.sleep(self._slow * 20)
 
     def close(self, report_extra: dict | None = None) -> WriteSummary:
         """Finish: last identity, meta records or shuffle, ``property``, ``report.json``, renames.
@@ -575,7 +340,6 @@ class DatasetWriter:
         """
         if self._closed:
             raise RuntimeError("DatasetWriter is closed")
-        resumed_from = self._resumed_from
         finished = self._finished_report is not None
         if not finished:
             if self._phase == "stream":
@@ -583,185 +347,102 @@ class DatasetWriter:
                     self._finish_group()
                 self._phase = "finalize"
                 self._commit()
-                self._step()
             if self._phase == "finalize":
                 self._finalize(report_extra)
             self._rename_outputs()
         self._closed = True
-        self._unlock()
+        self._lock.release()
         report = self.report = json.loads((self.out_dir / REPORT_NAME).read_bytes())
-        counts = report["counts"]
-        return WriteSummary(
-            out_dir=self.out_dir,
-            layout=report["layout"],
-            label_style=report["label_style"],
-            num_inputs=counts["inputs"],
-            num_images=counts["images"],
-            num_classes=counts["classes"],
-            num_skipped=counts["skipped"],
-            dropped_identities=counts["dropped_identities"],
-            skipped_by_reason=report["skipped_by_reason"],
-            report_path=self.out_dir / REPORT_NAME,
-            resumed_from=resumed_from,
-            already_finished=finished,
-        )
+        return summary_of(report, self.out_dir, resumed_from=self._resumed_from, already_finished=finished)
 
     def _finalize(self, report_extra: dict | None) -> None:
-        for key in ("rec", "idx", "crc"):  # drop meta records of an earlier, interrupted finalize
-            f = self._files[key]
-            f.flush()
-            f.truncate(self._sizes[key])
-            f.seek(self._sizes[key])
-        outputs = {name: name + _PARTIAL for name in ("train.rec", "train.idx", "train.rec.crc")}
-        if self.write_lst:
-            outputs["train.lst"] = "train.lst" + _PARTIAL
-        if self.layout == "insightface":
-            self._write_meta_records()
-        elif self.shuffle_seed is not None:
-            self._write_shuffled()
-            outputs = {name: name + _SHUFFLED for name in outputs}
-        for f in self._files.values():
-            sync_file(f)
-        self._close_handles()
-        self._step()
+        """The finalize phase, redone from its start after a crash: records, ``property``, ``report.json``."""
+        outputs = self._finalize_records()
         n_classes = len(self._ranges)
         h, w = self.image_size
-        atomic_write(self.out_dir / ("property" + _PARTIAL), f"{n_classes},{h},{w}\n".encode())
-        outputs["property"] = "property" + _PARTIAL
-        outputs[REPORT_NAME] = REPORT_NAME + _PARTIAL
-        atomic_write(self.out_dir / outputs[REPORT_NAME], _report_bytes(self._report(list(outputs), report_extra)))
-        self._step()
+        atomic_write(self.out_dir / ("property" + PARTIAL), f"{n_classes},{h},{w}\n".encode())
+        outputs["property"] = "property" + PARTIAL
+        outputs[REPORT_NAME] = REPORT_NAME + PARTIAL
+        atomic_write(self.out_dir / outputs[REPORT_NAME], report_bytes(self._report(list(outputs), report_extra)))
         self._outputs = outputs
         self._phase = "rename"
         self._commit()
 
-    def _write_meta_records(self) -> None:
-        """face2rec2's tail: key 0 ``[N+1, N+1+K]``, then identity records ``[start, end)`` with keys N+1..N+K."""
-        n, k = self._num_images, len(self._ranges)
-        metas = [(0, [float(n + 1), float(n + 1 + k)])]
-        metas += [(n + 1 + i, [float(s), float(e)]) for i, (s, e) in enumerate(self._ranges)]
-        rec, idx, crc = self._files["rec"], self._files["idx"], self._files["crc"]
-        offset = self._sizes["rec"]
-        lines = []
-        for key, label in metas:
-            data = recordio.encode_record(recordio.pack(recordio.IRHeader(0, label, key, 0), b""))
-            rec.write(data)
-            crc.write(crcfile.entry(data))
-            lines.append(f"{key}\t{offset}\n")
-            offset += len(data)
-        idx.write("".join(lines).encode())
+    def _finalize_records(self) -> dict[str, str]:
+        """Meta records appended (insightface) or a shuffled copy written (flat), all fsynced, the partial files
+        closed. Returns each record output's final name -> the file that becomes it."""
+        self._journal.drop_tails(("rec", "idx", "crc"))  # meta records of an earlier, interrupted finalize
+        names = [*_RECORD_OUTPUTS, *(["train.lst"] if self.write_lst else [])]
+        outputs = {name: name + PARTIAL for name in names}
+        if self.layout == "insightface":
+            tail = records.meta_records(self._num_images, self._ranges, self._journal.sizes["rec"])
+            for key, data in tail.items():
+                self._journal.write_tail(key, data)
+        elif self.shuffle_seed is not None:
+            self._write_shuffled()
+            outputs = {name: name + SHUFFLED for name in outputs}
+        self._journal.sync()
+        self._journal.close()
+        return outputs
 
     def _write_shuffled(self) -> None:
-        """Rewrite the flat partials in :func:`shuffle_order`; keys (and header ids) become the new positions."""
-        for f in self._files.values():
-            f.flush()
-        n = self._num_images
-        offsets = np.zeros(n, np.int64)
-        with open(self._partial("idx"), "rb") as f:
-            for i, line in enumerate(f.read(self._sizes["idx"]).splitlines()):
-                offsets[i] = int(line.split(b"\t")[1])
-        lst_starts = np.zeros(n, np.int64)
-        if self.write_lst:
-            with open(self._partial("lst"), "rb") as f:
-                lens = [len(line) for line in f.read(self._sizes["lst"]).splitlines(keepends=True)]
-            lst_starts[1:] = np.cumsum(lens)[:-1] if n else []
-        names = ("train.rec", "train.idx", "train.rec.crc", "train.lst")
-        out = {name: self.out_dir / (name + _SHUFFLED) for name in names}
-        with contextlib.ExitStack() as stack:
-            src_rec = stack.enter_context(open(self._partial("rec"), "rb"))
-            dst_rec = stack.enter_context(open(out["train.rec"], "wb"))
-            dst_idx = stack.enter_context(open(out["train.idx"], "wb"))
-            dst_crc = stack.enter_context(open(out["train.rec.crc"], "wb"))
-            dst_crc.write(crcfile.HEADER)
-            if self.write_lst:
-                src_lst = stack.enter_context(open(self._partial("lst"), "rb"))
-                dst_lst = stack.enter_context(open(out["train.lst"], "wb"))
-            pos = 0
-            for j, i in enumerate(shuffle_order(n, self.shuffle_seed).tolist()):
-                payload = bytearray(recordio.read_record_at(src_rec, int(offsets[i])))
-                struct.pack_into("<Q", payload, 8, j)  # IRHeader.id = key
-                data = recordio.encode_record(payload)
-                dst_rec.write(data)
-                dst_crc.write(crcfile.entry(data))
-                dst_idx.write(f"{j}\t{pos}\n".encode())
-                pos += len(data)
-                if self.write_lst:
-                    src_lst.seek(int(lst_starts[i]))
-                    dst_lst.write(src_lst.readline())
-                if self._slow:
-                    time.sleep(self._slow)
-            for f in (dst_rec, dst_idx, dst_crc, *([dst_lst] if self.write_lst else [])):
-                sync_file(f)
+        """The flat partials rewritten in :func:`shuffle_order` into ``*.shuffled.partial`` files."""
+        journal = self._journal
+        journal.flush()
+        keys = ["rec", "idx", "crc", *(["lst"] if self.write_lst else [])]
+        streamed = {key: journal.read(key) for key in keys if key in ("idx", "lst")}
+        records.write_shuffled(
+            {"rec": journal.partial("rec"), "lst": journal.partial("lst")},
+            streamed,
+            {key: self.out_dir / (STREAM[key] + SHUFFLED) for key in keys},
+            self._num_images,
+            self.shuffle_seed,
+        )
 
     def _report(self, files: list[str], extra: dict | None) -> dict:
-        skipped = []
-        with open(self._partial("skipped"), "rb") as f:
-            for line in f.read(self._sizes["skipped"]).splitlines():
-                s = json.loads(line)
-                skipped.append({"path": s["path"], "reason": s["reason"], "identity": s["group"]})
-        by_reason = Counter(s["reason"].split(":")[0].strip() for s in skipped)
-        notes = []
-        with open(self._partial("notes"), "rb") as f:
-            for line in f.read(self._sizes["notes"]).splitlines():
-                n = json.loads(line)
-                notes.append({"path": n.pop("path"), "identity": n.pop("group"), **n})
-        report = {
-            "format": _REPORT_FORMAT,
-            "version": 1,
-            "layout": self.layout,
-            "label_style": self.label_style,
-            "image_size": list(self.image_size),
-            "files": files,
-            "counts": {
+        return build_report(
+            settings={"layout": self.layout, "label_style": self.label_style, "image_size": self.image_size},
+            files=files,
+            counts={
                 "inputs": self._inputs,
                 "images": self._num_images,
                 "classes": len(self._ranges),
-                "skipped": len(skipped),
                 "dropped_identities": self._dropped,
             },
-            "skipped_by_reason": dict(sorted(by_reason.items())),
-            "notes_by_kind": dict(sorted(Counter(n["kind"] for n in notes).items())),
-            "config": self.config,
-            "skipped": skipped,
-            "notes": notes,
-        }
-        if extra:
-            report["extra"] = _jsonable(extra)
-        return report
+            config=self.config,
+            skipped_lines=self._journal.read("skipped"),
+            notes_lines=self._journal.read("notes"),
+            extra=extra,
+        )
 
     def _rename_outputs(self) -> None:
+        """The rename phase, redone after a crash: partials to final names (report.json last), leftovers removed,
+        then the state file."""
         out = self.out_dir
-        for name in _OUTPUT_ORDER:  # report.json last: its presence marks a finished dataset
+        for name in OUTPUT_ORDER:  # report.json last: its presence marks a finished dataset
             src = self._outputs.get(name)
             if src is not None and (out / src).exists():
                 os.replace(out / src, out / name)
-                self._step()
         fsync_dir(out)
-        for name in self._our_names():
-            if name not in _OUTPUT_ORDER and name != STATE_NAME:  # sources are renamed by now: leftovers only
+        for name in our_names(self.companions):
+            if name not in OUTPUT_ORDER and name != STATE_NAME:  # sources are renamed by now: leftovers only
                 (out / name).unlink(missing_ok=True)
         fsync_dir(out)
-        self._state_path.unlink()
+        self._journal.remove_state()
         fsync_dir(out)
-
-    def _close_handles(self) -> None:
-        for f in self._files.values():
-            with contextlib.suppress(OSError):  # a failed flush (disk full) must not hide the first error
-                f.close()
-        self._files = {}
 
     def abort(self) -> None:
         """Stop without finishing; keep everything committed (plus finished identities) for ``resume``."""
         if self._closed:
             return
         try:
-            if self._phase == "stream" and not self._broken and self._files:
+            if self._phase == "stream" and not self._journal.broken and self._journal.is_open:
                 with contextlib.suppress(OSError):
                     self._commit()
         finally:
-            self._close_handles()
+            self._journal.close()
             self._closed = True
-            self._unlock()
+            self._lock.release()
 
     def __enter__(self) -> DatasetWriter:
         return self

@@ -11,7 +11,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -19,7 +18,8 @@ import pytest
 
 from packer import recordio
 from packer.cli import run
-from packer.layout import SLOW_ENV, STATE_NAME
+from packer.layout import STATE_NAME
+from tests.pack_gate import Gate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -271,19 +271,14 @@ def _state(out: Path) -> dict | None:
         return None
 
 
-def _run_until(cmd, out: Path, when, env) -> tuple[bool, subprocess.Popen]:
-    """Start ``cmd``; SIGKILL it as soon as ``when(state)`` holds. Returns (killed while running, process)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        st = _state(out)
-        if st is not None and when(st):
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate()
-            return True, proc
-        time.sleep(0.002)
+def _kill_at(cmd, gate: Gate) -> tuple[dict, subprocess.Popen]:
+    """Start ``cmd``, SIGKILL it once it is held at ``gate``. Returns (its committed state there, the process)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **gate.env()), stderr=subprocess.PIPE)
+    held = gate.wait(proc)
+    proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    return False, proc
+    assert proc.returncode == -signal.SIGKILL
+    return held, proc
 
 
 @pytest.mark.slow
@@ -293,19 +288,21 @@ def test_sigkill_at_any_phase_then_resume_is_byte_identical(faces, tmp_path, opt
     ref = tmp_path / "ref"
     assert run(["pack", str(lst), "--out", str(ref), "-q", *opts]) == 0
     out = tmp_path / "out"
-    env = dict(os.environ, **{SLOW_ENV: "0.004"})
     kills = [
-        lambda s: s["done"] >= 30,  # mid-stream
-        lambda s: s["done"] >= 85,  # mid-stream again, after a resume
-        lambda s: s["phase"] == "finalize",  # meta records / shuffle being written
-        lambda s: s["phase"] == "rename",  # outputs being renamed
+        {"at": "commit", "done": 30},  # mid-stream
+        {"at": "commit", "done": 85},  # mid-stream again, after a resume
+        {"at": "finalize-records"},  # meta records / shuffled copy written, property and report not yet
+        {"at": "commit", "phase": "rename"},  # finalized, nothing renamed yet
+        {"at": "replace", "name": "train.rec"},  # the rename phase part-way: train.rec in place, the rest not
     ]
-    phases = []
-    for i, when in enumerate(kills):
-        killed, proc = _run_until(_pack_cmd(lst, out, *opts, *(["--resume"] if i else [])), out, when, env)
-        assert killed, f"kill {i} came too late: {proc.stderr.read() if proc.stderr else ''}"
-        phases.append(_state(out)["phase"] if _state(out) else "gone")
-    assert phases[:2] == ["stream", "stream"] and phases[2] in ("finalize", "rename")
+    held = []
+    for i, spec in enumerate(kills):
+        state, _ = _kill_at(_pack_cmd(lst, out, *opts, *(["--resume"] if i else [])), Gate.at(tmp_path, **spec))
+        assert _state(out) == state  # killed where it was held: nothing was committed after
+        held.append(state)
+    assert [s["phase"] for s in held] == ["stream", "stream", "finalize", "rename", "rename"]
+    assert 30 <= held[0]["done"] < 85 <= held[1]["done"] < 120 == held[2]["done"]
+    assert (out / "train.rec").is_file() and not (out / "report.json").exists()  # the last kill: renamed part-way
     # without --resume the unfinished pack is protected
     res = subprocess.run(_pack_cmd(lst, out, *opts), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "holds an unfinished pack" in _one_error_line(res.stderr)
@@ -319,15 +316,15 @@ def test_ctrl_c_keeps_the_partial_pack_and_says_how_to_resume(faces, tmp_path):
     lst = faces / "faces.lst"
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert run(["pack", str(lst), "--out", str(ref), "-q"]) == 0
-    env = dict(os.environ, **{SLOW_ENV: "0.004"})
+    gate = Gate.at(tmp_path, "commit", done=20)
+    env = dict(os.environ, **gate.env())
     proc = subprocess.Popen(_pack_cmd(lst, out), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not ((_state(out) or {}).get("done", 0) >= 20):
-        time.sleep(0.002)
+    held = gate.wait(proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
     assert "rerun the same command with --resume" in err
-    assert 20 <= _state(out)["done"] < 120  # finished identities were committed on the way out
+    assert 20 <= held["done"] == _state(out)["done"] < 120  # finished identities were committed on the way out
     assert run(["pack", str(lst), "--out", str(out), "--resume", "-q"]) == 0
     assert _files(out) == _files(ref)
 

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -24,6 +23,7 @@ from gpu_align.pipeline import RunOptions, run
 from packer import recordio
 from packer.cli import run as cli_run
 from tests.badfiles import huge_gradient_jpeg, make_bad_files
+from tests.pack_gate import Gate
 from tests.photo_files import scaled, write_jpeg
 
 OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
@@ -193,21 +193,6 @@ def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     )
 
 
-def _wait_for_progress(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    state = out / "pack.state.json"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before it could be interrupted: {proc.communicate()}")
-        try:
-            if json.loads(state.read_text())["done"] >= at_least:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError("no progress")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_interrupted_run_resumes_to_identical_output(dataset, reference, tmp_path, sig):
@@ -215,8 +200,9 @@ def test_interrupted_run_resumes_to_identical_output(dataset, reference, tmp_pat
     ref_out, ref = reference
     out = tmp_path / "out"
     args = ["run", str(dataset), "--out", str(out), "--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
-    proc = _cli(*args, env={"GPU_ALIGN_TEST_SLOW_WRITE": "0.25"})
-    _wait_for_progress(out, proc, at_least=4)
+    gate = Gate.at(tmp_path, "commit", done=4, phase="stream")  # the packer holds there until it is stopped
+    proc = _cli(*args, env=gate.env())
+    held = gate.wait(proc)
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
@@ -226,7 +212,7 @@ def test_interrupted_run_resumes_to_identical_output(dataset, reference, tmp_pat
         assert proc.returncode == -signal.SIGKILL
     assert not (out / "report.json").exists()
     done = json.loads((out / "pack.state.json").read_text())["done"]
-    assert 0 < done < ref.inputs
+    assert 4 <= done == held["done"] < ref.inputs  # what was committed where the run was stopped
     proc = _cli(*args, "--resume")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

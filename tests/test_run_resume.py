@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -25,6 +24,7 @@ from gpu_align.pipeline import INPUTS_NAME, RunOptions, run
 from gpu_align.pipeline.align_stage import crop_names
 from gpu_align.scan import InputItem, scan_source
 from packer import recordio
+from tests.pack_gate import Gate
 from tests.photo_files import scaled, write_jpeg
 
 OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
@@ -58,20 +58,12 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-def _wait_for_commit(out: Path, proc: subprocess.Popen, at_least: int = 1, timeout: float = 120) -> int:
-    """Block until the packer has committed ``at_least`` inputs (its state file says so); return that count."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before it could be interrupted: {proc.communicate()}")
-        try:
-            done = json.loads((out / "pack.state.json").read_text())["done"]
-            if done >= at_least:
-                return done
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)  # polling the state file; the signal is sent only once it holds
-    raise AssertionError("no progress")
+def _held_run(lst: Path, out: Path, tmp: Path, **until: str) -> tuple[subprocess.Popen, dict]:
+    """Start a run of ``lst`` whose packer holds after its first commit until it is stopped (tests/pack_gate.py;
+    ``until="killed"``: until it is killed); return once it is held there, with the state it committed."""
+    gate = Gate.at(tmp, "commit", done=1, phase="stream", **until)
+    proc = _cli("run", str(lst), "--out", str(out), *FAST, env=gate.env())
+    return proc, gate.wait(proc)
 
 
 def _same_outputs(a: Path, b: Path) -> None:
@@ -80,9 +72,8 @@ def _same_outputs(a: Path, b: Path) -> None:
 
 
 def _interrupted(lst: Path, out: Path, sig: int, to_group: bool) -> tuple[int, str]:
-    """Start a slow run of ``lst``, signal it after its first commit; returns (exit code, stderr)."""
-    proc = _cli("run", str(lst), "--out", str(out), *FAST, env={"GPU_ALIGN_TEST_SLOW_WRITE": "0.25"})
-    _wait_for_commit(out, proc)
+    """Start a run of ``lst``, signal it while its packer is held after its first commit; (exit code, stderr)."""
+    proc, _ = _held_run(lst, out, out.parent)
     (os.killpg if to_group else os.kill)(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err.decode()
@@ -174,8 +165,7 @@ def test_killed_packer_is_reported_with_how_to_continue(reference, tmp_path):
     _, ref_out, n = reference
     out = tmp_path / "out"
     lst = ref_out / "train.lst"
-    proc = _cli("run", str(lst), "--out", str(out), *FAST, env={"GPU_ALIGN_TEST_SLOW_WRITE": "0.25"})
-    _wait_for_commit(out, proc)
+    proc, _ = _held_run(lst, out, tmp_path, until="killed")
     os.kill(_packer_pid(proc.pid), signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     text = err.decode()
