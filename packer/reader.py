@@ -9,6 +9,7 @@ A dataset is ``DIR/train.rec`` + ``DIR/train.idx`` (+ ``DIR/property``), or any 
 
 Image labels are either ``scalar`` (flag 0, the class in the header) or a list (flag n >= 1, the class is the first
 float, face2rec2 writes ``[class, aligned]``: the ``pair`` style). Readers never depend on the physical record order.
+These rules live in :mod:`packer.dataset_rules` (``verify`` checks by the same ones).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
+from packer.dataset_rules import (  # the layout and label rules; re-exported here, where tools have found them
+    insightface_key_ranges,
+    is_header_record,
+    is_meta_record,
+    label_of,
+    meta_label_ok,
+    style_of_flags,
+)
 from packer.errors import UserError
 from packer.recordio import MAGIC_BYTES, IRHeader, RecordIOError, decode_flag, decode_length, read_record_at, unpack
 
@@ -272,34 +281,6 @@ def decode_image(body: bytes) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
-# --------------------------------------------------------------------------------------------------- labels
-
-
-def label_of(header: IRHeader) -> int:
-    """The integer class of an image header: the scalar label (flag 0) or the first label of a list (flag >= 1)."""
-    label = header.label if header.flag == 0 else header.label[0]
-    return int(label)
-
-
-def is_meta_record(flag, body_len):
-    """A meta record (key 0 or an identity record): flag >= 2 (a label list) and no body. Scalars or arrays."""
-    return (np.asarray(flag) >= 2) & (np.asarray(body_len) == 0)
-
-
-def meta_label_ok(first, end):
-    """Key 0's label ``[N+1, N+1+K]`` is valid: integers with N >= 0, K >= 0. Scalars or arrays."""
-    a, b = np.asarray(first, np.float64), np.asarray(end, np.float64)
-    with np.errstate(invalid="ignore"):
-        return (a >= 1) & (b >= a) & (a == np.floor(a)) & (b == np.floor(b))
-
-
-def _is_meta_header(header: IRHeader, body: bytes) -> bool:
-    """Key 0 of the insightface layout: a meta record whose label is ``[N+1, N+1+K]`` with N >= 0, K >= 0."""
-    if not is_meta_record(header.flag, len(body)):
-        return False
-    return bool(meta_label_ok(header.label[0], header.label[1]))
-
-
 def read_head_span(f: BinaryIO, offset: int, size: int) -> tuple[IRHeader, int, int]:
     """Header of the record at ``offset``, its body length and its end offset (after the padding), reading only
     the first bytes of a one-part record. RecordIOError if no whole record starts there."""
@@ -378,15 +359,15 @@ class DatasetReader:
         self.layout = "flat"
         if self._has(0):
             header, body = self.read_raw(0)
-            if _is_meta_header(header, body):
+            if is_header_record(header, len(body)):
                 self.header, self.layout = header, "insightface"
         self._labels: np.ndarray | None = None
         self._ranges: list[tuple[int, int]] | None = None
         self._label_style: str | None = None
         if self.header is not None:
-            first_identity, end_identity = int(self.header.label[0]), int(self.header.label[1])
-            self._image_keys: Sequence[int] = range(1, first_identity)
-            self._identity_keys: Sequence[int] = range(first_identity, end_identity)
+            images, identities = insightface_key_ranges(self.header.label[0], self.header.label[1])
+            self._image_keys: Sequence[int] = images
+            self._identity_keys: Sequence[int] = identities
         else:
             self._image_keys = self._sorted_keys
             self._identity_keys = range(0)
@@ -532,12 +513,3 @@ class DatasetReader:
             picks = sorted({int(keys[round(i * (len(keys) - 1) / 16)]) for i in range(17)})
             self._label_style = style_of_flags(np.asarray([self.read_header(k).flag for k in picks]))
         return self._label_style
-
-
-def style_of_flags(flags: np.ndarray) -> str:
-    """Label style of image records from their flags: ``scalar`` (0), ``pair`` (lists), ``mixed``, ``none``."""
-    if flags.size == 0:
-        return "none"
-    scalar = bool((flags == 0).any())
-    listed = bool((flags > 0).any())
-    return "mixed" if scalar and listed else ("scalar" if scalar else "pair")

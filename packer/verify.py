@@ -24,19 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from packer import crcfile
+from packer.dataset_rules import header_labels, insightface_key_ranges, is_meta_record, meta_label_ok, style_of_flags
 from packer.errors import UserError
 from packer.reader import (
     DatasetPaths,
     Property,
     decode_image,
     image_shape,
-    is_meta_record,
     iter_index,
-    meta_label_ok,
     read_head_span,
     read_property,
     resolve_dataset,
-    style_of_flags,
 )
 from packer.recordio import MAGIC_BYTES, RecordIOError, unpack
 from packer.recscan import Damage, scan_rec
@@ -282,12 +280,9 @@ def verify_dataset(
                 rec_off.append(item.offset)
                 rec_end.append(item.end)
                 rec_flag.append(header.flag)
-                if header.flag == 0:
-                    rec_l0.append(header.label)
-                    rec_l1.append(np.nan)
-                else:
-                    rec_l0.append(float(header.label[0]))
-                    rec_l1.append(float(header.label[1]) if header.flag > 1 else np.nan)
+                first, second = header_labels(header)
+                rec_l0.append(first)
+                rec_l1.append(second)
                 rec_id.append(header.id)
                 rec_body.append(len(body))
                 if body:
@@ -394,9 +389,9 @@ def validate_index(path: str | os.PathLike, *, max_problems: int = 20) -> Verify
             for c, v in (("off", o), ("end", end), ("key", k), ("flag", header.flag), ("id", header.id)):
                 cols[c].append(v)
             cols["body"].append(body_len)
-            label = np.ravel(np.asarray(header.label, np.float64))
-            l0.append(float(label[0]) if label.size else np.nan)
-            l1.append(float(label[1]) if header.flag > 1 else np.nan)
+            first, second = header_labels(header)
+            l0.append(first)
+            l1.append(second)
     recs = {c: np.frombuffer(v, np.int64) for c, v in cols.items()}
     recs["l0"], recs["l1"] = np.frombuffer(l0, np.float64), np.frombuffer(l1, np.float64)
     rep.num_records = len(recs["off"])
@@ -545,46 +540,75 @@ def _check_index_offsets(rep, paths, idx_keys, idx_offsets, idx_lines, recs, dam
 
 def _check_layout(rep: VerifyReport, idx_keys: np.ndarray, recs: dict, prop: Property | None) -> np.ndarray:
     """Layout checks (key 0, identity ranges, key coverage); returns the mask of records that are images."""
-    keys, flag, body = recs["key"], recs["flag"], recs["body"]
-    indexed = keys >= 0
+    keys, body = recs["key"], recs["body"]
     zero = np.flatnonzero(keys == 0)
     key_set = np.unique(idx_keys)
-    is_meta0 = False
+    rep.layout = _layout_of(rep, recs, zero, key_set)
+    if rep.layout == "unknown":
+        return (keys >= 0) & (body > 0)
+    if rep.layout == "flat":
+        return _check_flat(rep, recs, has_key0=len(zero) > 0)
+    return _check_insightface(rep, recs, int(zero[0]), key_set, prop)
+
+
+def _layout_of(rep: VerifyReport, recs: dict, zero: np.ndarray, key_set: np.ndarray) -> str:
+    """``insightface`` (key 0 is the header, see packer.dataset_rules), ``flat`` (key 0 is no meta record, or there
+    is none), or ``unknown``: key 0 is a meta record with a broken label, or listed but unreadable (reported)."""
     if len(zero):
         z = zero[0]
         a, b = recs["l0"][z], recs["l1"][z]
-        is_meta0 = bool(is_meta_record(flag[z], body[z]))
-        if is_meta0 and not meta_label_ok(a, b):
-            rep.add("header", f"key 0 label [{a:g}, {b:g}] is not [N+1, N+1+K] with N, K >= 0", 0, int(recs["off"][z]))
-            rep.layout = "unknown"
-            return indexed & (body > 0)
-    elif 0 in key_set:
-        rep.layout = "unknown"  # key 0 listed but its record is unreadable: already reported by the index checks
+        if not is_meta_record(recs["flag"][z], recs["body"][z]):
+            return "flat"
+        if meta_label_ok(a, b):
+            return "insightface"
+        rep.add("header", f"key 0 label [{a:g}, {b:g}] is not [N+1, N+1+K] with N, K >= 0", 0, int(recs["off"][z]))
+        return "unknown"
+    if 0 in key_set:  # its record is unreadable: already reported by the index checks
         rep.add("header", "key 0 (the dataset header in the insightface layout) cannot be read", 0)
-        return indexed & (body > 0)
+        return "unknown"
+    return "flat"
 
-    if not is_meta0:
-        rep.layout = "flat"
-        images = indexed
-        rep.num_images = int(images.sum())
-        if len(zero) == 0 and rep.num_images and flag[images].min() >= 2 and (body[images] == 0).any():
-            rep.warnings.append("no key 0 header but empty-body records exist (a classic layout that lost key 0?)")
-        ks = np.sort(keys[images])
-        if len(ks) and not (ks[0] == 0 and ks[-1] == len(ks) - 1):
-            rep.warnings.append(f"flat layout keys run {int(ks[0])}..{int(ks[-1])}, not 0..{len(ks) - 1}")
-        return images
 
-    rep.layout = "insightface"
-    z = zero[0]
-    n_end, k_end = int(recs["l0"][z]), int(recs["l1"][z])  # N+1, N+1+K
-    rep.num_images, rep.num_classes = n_end - 1, k_end - n_end
-    # key coverage: 0..N+K must all be indexed, nothing else
-    expected = np.arange(0, k_end, dtype=np.int64)
-    missing = np.setdiff1d(expected, key_set)
+def _check_flat(rep: VerifyReport, recs: dict, has_key0: bool) -> np.ndarray:
+    """Every indexed record is an image; warns about keys other than 0..N-1 and a layout that lost its key 0."""
+    keys, flag, body = recs["key"], recs["flag"], recs["body"]
+    images = keys >= 0
+    rep.num_images = int(images.sum())
+    if not has_key0 and rep.num_images and flag[images].min() >= 2 and (body[images] == 0).any():
+        rep.warnings.append("no key 0 header but empty-body records exist (a classic layout that lost key 0?)")
+    ks = np.sort(keys[images])
+    if len(ks) and not (ks[0] == 0 and ks[-1] == len(ks) - 1):
+        rep.warnings.append(f"flat layout keys run {int(ks[0])}..{int(ks[-1])}, not 0..{len(ks) - 1}")
+    return images
+
+
+def _check_insightface(rep: VerifyReport, recs: dict, z: int, key_set: np.ndarray, prop: Property | None) -> np.ndarray:
+    """Key coverage, identity records and ranges, labels against the ranges; returns the image mask."""
+    keys = recs["key"]
+    image_keys, identity_keys = insightface_key_ranges(recs["l0"][z], recs["l1"][z])
+    rep.num_images, rep.num_classes = len(image_keys), len(identity_keys)
+    _check_key_coverage(rep, key_set, image_keys, identity_keys)
+    ident = np.flatnonzero((keys >= identity_keys.start) & (keys < identity_keys.stop))
+    ident = ident[np.argsort(keys[ident], kind="stable")]  # identity records, in class order
+    ranges_ok = _check_identity_records(rep, recs, ident, identity_keys)
+    if prop is not None and prop.num_classes != rep.num_classes:
+        rep.add("property", f"property says {prop.num_classes} classes, key 0 says {rep.num_classes} identities")
+    images = (keys >= image_keys.start) & (keys < image_keys.stop)
+    if ranges_ok and len(ident):
+        _check_labels_in_ranges(rep, recs, images, ident)
+    elif len(ident):
+        rep.warnings.append("image labels were not checked against the identity ranges (unreadable or broken)")
+    return images
+
+
+def _check_key_coverage(rep: VerifyReport, key_set: np.ndarray, image_keys: range, identity_keys: range) -> None:
+    """Keys 0..N+K must all be indexed, and nothing else."""
+    n, k_end = len(image_keys), identity_keys.stop
+    missing = np.setdiff1d(np.arange(0, k_end, dtype=np.int64), key_set)
     if len(missing):
         rep.add(
             "missing-key",
-            f"{len(missing)} keys of 0..{k_end - 1} (key 0 says {n_end - 1} images, {k_end - n_end} identities) "
+            f"{len(missing)} keys of 0..{k_end - 1} (key 0 says {n} images, {len(identity_keys)} identities) "
             f"are not in the .idx: {_short(missing)}",
             int(missing[0]),
         )
@@ -592,62 +616,68 @@ def _check_layout(rep: VerifyReport, idx_keys: np.ndarray, recs: dict, prop: Pro
     if len(extra):
         rep.add("extra-key", f"{len(extra)} .idx keys outside 0..{k_end - 1}: {_short(extra)}", int(extra[0]))
 
-    # identity records, in class order
-    ident = np.flatnonzero((keys >= n_end) & (keys < k_end))
-    ident = ident[np.argsort(keys[ident], kind="stable")]
+
+def _check_identity_records(rep: VerifyReport, recs: dict, ident: np.ndarray, identity_keys: range) -> bool:
+    """Each identity record (rows ``ident``, in class order) holds a ``[start, end)`` label; together they are
+    complete and the ranges tile the image keys. True when the ranges can be trusted for the label check."""
+    keys, flag = recs["key"], recs["flag"]
     bad = ident[(flag[ident] < 2) | np.isnan(recs["l1"][ident])]
     for j in bad:
         rep.add(
             "identity-record",
-            f"identity key {int(keys[j])} (class {int(keys[j]) - n_end}) has flag {int(flag[j])}, "
+            f"identity key {int(keys[j])} (class {int(keys[j]) - identity_keys.start}) has flag {int(flag[j])}, "
             "not a [start, end) label",
             int(keys[j]),
             int(recs["off"][j]),
         )
-    ranges_ok = False
-    if not len(bad) and len(ident) == k_end - n_end and len(np.unique(keys[ident])) == len(ident):
-        starts, ends = recs["l0"][ident], recs["l1"][ident]
-        prev_end = np.concatenate([[1.0], ends[:-1]])
-        breaks = np.flatnonzero((starts != prev_end) | (ends <= starts) | (starts != np.floor(starts)))
-        for c in breaks:
-            s, e, pe = starts[c], ends[c], prev_end[c]
-            why = "is empty or inverted" if e <= s else f"starts at {s:g}, expected {pe:g} (where class {c - 1} ends)"
-            if c == 0 and s != 1:
-                why = f"starts at {s:g}, expected 1 (the first image key)"
-            rep.add(
-                "identity-range",
-                f"identity key {int(keys[ident[c]])} (class {c}): range [{s:g}, {e:g}) {why}",
-                int(keys[ident[c]]),
-                int(recs["off"][ident[c]]),
-            )
-        if len(ends) and ends[-1] != n_end:
-            rep.add(
-                "identity-range",
-                f"the last identity range ends at {ends[-1]:g}, but key 0 says images are keys 1..{n_end - 1}",
-                int(keys[ident[-1]]),
-                int(recs["off"][ident[-1]]),
-            )
-        ranges_ok = not len(breaks) and (not len(ends) or ends[-1] == n_end)
-    if prop is not None and prop.num_classes != rep.num_classes:
-        rep.add("property", f"property says {prop.num_classes} classes, key 0 says {rep.num_classes} identities")
+    if len(bad) or len(ident) != len(identity_keys) or len(np.unique(keys[ident])) != len(ident):
+        return False
+    return _check_identity_ranges(rep, recs, ident, identity_keys.start)
 
-    images = (keys >= 1) & (keys < n_end)
-    if ranges_ok and len(ident):
-        starts = recs["l0"][ident]
-        img = np.flatnonzero(images)
-        expected_cls = np.searchsorted(starts, keys[img], side="right") - 1
-        wrong = img[recs["l0"][img] != expected_cls]
-        for j, cls in zip(wrong, expected_cls[recs["l0"][img] != expected_cls], strict=True):
-            rep.add(
-                "label-mismatch",
-                f"image key {int(keys[j])} has label {recs['l0'][j]:g}, but its key lies in the range of class "
-                f"{int(cls)} [{starts[cls]:g}, {recs['l1'][ident][cls]:g})",
-                int(keys[j]),
-                int(recs["off"][j]),
-            )
-    elif len(ident):
-        rep.warnings.append("image labels were not checked against the identity ranges (unreadable or broken)")
-    return images
+
+def _check_identity_ranges(rep: VerifyReport, recs: dict, ident: np.ndarray, n_end: int) -> bool:
+    """Class c's range starts where class c-1's ends (class 0 at key 1) and is not empty; the last ends at
+    ``n_end`` (N+1). True when all of that holds."""
+    keys = recs["key"]
+    starts, ends = recs["l0"][ident], recs["l1"][ident]
+    prev_end = np.concatenate([[1.0], ends[:-1]])
+    breaks = np.flatnonzero((starts != prev_end) | (ends <= starts) | (starts != np.floor(starts)))
+    for c in breaks:
+        s, e, pe = starts[c], ends[c], prev_end[c]
+        why = "is empty or inverted" if e <= s else f"starts at {s:g}, expected {pe:g} (where class {c - 1} ends)"
+        if c == 0 and s != 1:
+            why = f"starts at {s:g}, expected 1 (the first image key)"
+        rep.add(
+            "identity-range",
+            f"identity key {int(keys[ident[c]])} (class {c}): range [{s:g}, {e:g}) {why}",
+            int(keys[ident[c]]),
+            int(recs["off"][ident[c]]),
+        )
+    if len(ends) and ends[-1] != n_end:
+        rep.add(
+            "identity-range",
+            f"the last identity range ends at {ends[-1]:g}, but key 0 says images are keys 1..{n_end - 1}",
+            int(keys[ident[-1]]),
+            int(recs["off"][ident[-1]]),
+        )
+    return not len(breaks) and (not len(ends) or ends[-1] == n_end)
+
+
+def _check_labels_in_ranges(rep: VerifyReport, recs: dict, images: np.ndarray, ident: np.ndarray) -> None:
+    """Each image's label is the class whose identity range holds its key."""
+    keys, l0 = recs["key"], recs["l0"]
+    starts = l0[ident]
+    img = np.flatnonzero(images)
+    expected_cls = np.searchsorted(starts, keys[img], side="right") - 1
+    differs = l0[img] != expected_cls
+    for j, cls in zip(img[differs], expected_cls[differs], strict=True):
+        rep.add(
+            "label-mismatch",
+            f"image key {int(keys[j])} has label {l0[j]:g}, but its key lies in the range of class "
+            f"{int(cls)} [{starts[cls]:g}, {recs['l1'][ident][cls]:g})",
+            int(keys[j]),
+            int(recs["off"][j]),
+        )
 
 
 def _check_labels(rep: VerifyReport, recs: dict, images: np.ndarray, prop: Property | None) -> None:
