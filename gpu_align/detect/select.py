@@ -82,7 +82,7 @@ class Selection(NamedTuple):
     runner_up_scores: torch.Tensor  # (B,) float32
 
 
-def _segmented_argmax(keys: torch.Tensor, img: torch.Tensor, B: int) -> torch.Tensor:
+def segmented_argmax(keys: torch.Tensor, img: torch.Tensor, B: int) -> torch.Tensor:
     """Per image, the first face reaching the image's largest key; ``K`` (= no face) where every key is -inf.
 
     ``keys (K,)`` float, ``img (K,)`` int64 image of each face. Returns ``(B,)`` int64.
@@ -140,7 +140,7 @@ def select_faces(
     keys = torch.nan_to_num(keys, nan=torch.finfo(torch.float32).min, neginf=torch.finfo(torch.float32).min)
     keys = torch.where(confident, keys, torch.tensor(-torch.inf, device=device))
     K = keys.numel()
-    first = _segmented_argmax(keys, img, B)
+    first = segmented_argmax(keys, img, B)
     found = first < K
     best_out.scatter_reduce_(0, img, scores, "amax", include_self=False)
     num_confident = torch.zeros_like(counts).scatter_add_(0, img, confident.long())
@@ -148,7 +148,7 @@ def select_faces(
     boxes_out[found], scores_out[found], lm_out[found] = boxes[sel], scores[sel], lms[sel]
     # the runner-up: the best remaining confident face once the chosen one is out
     keys[sel] = -torch.inf
-    second = _segmented_argmax(keys, img, B)
+    second = segmented_argmax(keys, img, B)
     has2 = second < K
     ru_boxes[has2], ru_scores[has2] = boxes[second[has2]], scores[second[has2]]
     return Selection(found, boxes_out, scores_out, lm_out, counts, num_confident, best_out, ru_boxes, ru_scores)

@@ -19,6 +19,7 @@ from gpu_align.align.rows import Rows
 from gpu_align.align.warp import arcface_template, invert_affine, transform_points
 from gpu_align.decode import DecodedBatch
 from gpu_align.detect import Detections
+from gpu_align.detect.select import segmented_argmax
 from gpu_align.device import HostCopy
 from gpu_align.pipeline.options import RunOptions, StageTimes
 from gpu_align.scan import InputItem
@@ -81,12 +82,12 @@ BOX_MATCH_IOU = 0.3
 BOX_NOT_MATCHED = "box not matched"
 
 
-def _iou(boxes: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """IoU of ``(K, 4)`` boxes with one ``(4,)`` box, all ``x1 y1 x2 y2``."""
-    lo, hi = torch.maximum(boxes[:, :2], ref[:2]), torch.minimum(boxes[:, 2:], ref[2:])
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise IoU of ``(K, 4)`` boxes ``a`` and ``b``, all ``x1 y1 x2 y2``: ``(K,)``."""
+    lo, hi = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
     inter = (hi - lo).clamp(min=0).prod(1)
-    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1)
-    return inter / (area + (ref[2:] - ref[:2]).clamp(min=0).prod() - inter).clamp(min=1e-6)
+    area_a, area_b = ((x[:, 2:] - x[:, :2]).clamp(min=0).prod(1) for x in (a, b))
+    return inter / (area_a + area_b - inter).clamp(min=1e-6)
 
 
 def _given_detections(item: InputItem, device: torch.device) -> Detections:
@@ -159,19 +160,23 @@ class AlignStage:
         t0 = time.perf_counter()
         found = self.aligner.detect([batch.images[k] for k in rows])
         self.times.detect += time.perf_counter() - t0
+        # all photos' faces at once: (K,) faces, `img` the photo of each; below the floor a face is never chosen
+        faces = Detections(*(torch.cat(parts) for parts in zip(*found, strict=True)))
+        dev = faces.boxes.device
+        img = torch.repeat_interleave(
+            torch.arange(len(rows), device=dev), torch.tensor([len(d.scores) for d in found], device=dev)
+        )
+        refs = torch.tensor([self.items[batch.indices[k]].ref_box for k in rows], dtype=torch.float32, device=dev)
+        iou = torch.where(faces.scores >= self.aligner.min_score, _iou(faces.boxes, refs[img]), -1.0)
+        best = segmented_argmax(iou, img, len(rows))  # (n,), K where a photo has no confident face
+        best_iou = torch.cat([iou, iou.new_full((1,), -1.0)])[best]
         bad: dict[int, str] = {}
-        for k, det in zip(rows, found, strict=True):
-            i = batch.indices[k]
-            ref = torch.tensor(self.items[i].ref_box, dtype=torch.float32, device=det.boxes.device)
-            ok = det.scores >= self.aligner.min_score
-            iou = torch.where(ok, _iou(det.boxes, ref), torch.zeros_like(det.scores)) if len(ok) else det.scores
-            best = int(iou.argmax()) if len(iou) else -1
-            if best < 0 or float(iou[best]) < BOX_MATCH_IOU:
-                got = f"best IoU {float(iou[best]):.2f}" if best >= 0 else "no confident face"
-                bad[k] = f"{BOX_NOT_MATCHED}: {got} with the --boxes-csv box (needs {BOX_MATCH_IOU})"
+        for k, b, v in zip(rows, best.tolist(), best_iou.tolist(), strict=True):  # the one host sync
+            if v >= BOX_MATCH_IOU:
+                self._picked[batch.indices[k]] = Detections(*(x[b : b + 1] for x in faces))
             else:
-                self._picked[i] = Detections(det.boxes[best : best + 1], det.scores[best : best + 1],
-                                             det.landmarks[best : best + 1])
+                got = f"best IoU {v:.2f}" if v >= 0 else "no confident face"
+                bad[k] = f"{BOX_NOT_MATCHED}: {got} with the --boxes-csv box (needs {BOX_MATCH_IOU})"
         return self._as_failures(batch, bad)
 
     def _given(self, batch: DecodedBatch) -> list[Detections | None]:
