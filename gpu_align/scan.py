@@ -169,48 +169,14 @@ def _warn(message: str) -> None:
     print(f"gpu-align: warning: {message}", file=sys.stderr)
 
 
-def _shard_list(s: str) -> list[str] | None:
-    """WebDataset shards named by ``s``: a brace list (``shards-{000..009}.tar``), or a folder holding archives
-    and no sub-folders; None when ``s`` is neither."""
-    if "{" in s and "}" in s and not os.path.exists(s):
-        names = tar.expand_braces(s)
-        missing = [n for n in names if not os.path.isfile(n)]
-        if missing:
-            raise UserError(f"{s}: {len(missing)} of {len(names)} shards do not exist (first: {missing[0]})")
-        return names
-    if os.path.isdir(s):
-        with os.scandir(s) as it:
-            entries = [d for d in it if not d.name.startswith(".")]
-        if entries and not any(d.is_dir() for d in entries):
-            shards = sorted(d.path for d in entries if tar.is_archive_name(d.name))
-            return shards or None
-    return None
-
-
-def _from_archives(s: str, shards: list[str] | None, min_images: int) -> Source:
+def _from_archives(s: str, min_images: int) -> Source:
     """One archive (``x.tar.gz`` or ``x.tar.gz::folder``) or WebDataset shards, scanned like the extracted folder."""
-    if shards is None:
-        ref = tar.split_member_path(s)
-        path, root = ref if ref is not None else (s, None)
-        idx = tar.index_archive(path, keep=tar.wds_meta_member)
-        webdataset = any(tar.wds_split(m.name)[1].lower() == "cls" for m in idx.files)  # samples carry a class
-        scan = tar.scan_webdataset([idx], min_images=min_images) if webdataset else tar.scan_archive(
-            idx, root=root, min_images=min_images
-        )
-        src = Source("webdataset" if webdataset else "archive", tar.member_path(idx.path, root) if root else idx.path)
-    else:
-        indexes = [tar.index_archive(p, keep=tar.wds_meta_member) for p in shards]
-        scan = tar.scan_webdataset(indexes, min_images=min_images)
-        src = Source("webdataset", os.path.abspath(s))
+    kind, root, scan = tar.scan_archive_source(s, min_images=min_images)
     for where, problem in scan.problems:
         _warn(f"{where}: {problem}")
+    src = Source(kind, root)
     src.skipped = list(scan.problems) + list(scan.skipped)
     src.items = [InputItem(k, m.path, ident, member=m) for k, (ident, m) in enumerate(scan.entries)]
-    if not src.items and not (shards or tar.split_member_path(s)):
-        raise UserError(
-            f"{s}: no <identity>/<image> photos found in the archive; if they lie in a sub-folder of it, name that "
-            f"folder: {s}::<folder> (e.g. vggface2_train.tar.gz::train)"
-        )
     return src
 
 
@@ -304,16 +270,12 @@ def scan_source(
             matched against all photos before ``shard`` and ``limit`` cut them.
     """
     s = os.fspath(src)
-    shards = _shard_list(s)
-    ref = tar.split_member_path(s)
-    if shards is None and not os.path.exists(ref[0] if ref else s):
+    if tar.names_archives(s):
+        source = _from_archives(s, min_images)
+    elif not os.path.exists(s):
         raise UserError(f"{s}: no such folder, archive or .lst file")
-    if shards is not None or ref is not None:
-        source = _from_archives(s, shards, min_images)
     elif os.path.isdir(s):
         source = _from_folder(s, min_images)
-    elif not s.lower().endswith(".lst") and (tar.is_archive_name(s) or tar.looks_like_archive(s)):
-        source = _from_archives(s, None, min_images)
     else:
         source = _from_lst(s, lst_root and os.fspath(lst_root))
     if landmarks_csv or boxes_csv:

@@ -53,9 +53,12 @@ __all__ = [
     "is_archive_name",
     "looks_like_archive",
     "member_path",
+    "names_archives",
     "reorder_bytes",
     "scan_archive",
+    "scan_archive_source",
     "scan_webdataset",
+    "shard_list",
     "split_member_path",
     "wds_meta_member",
     "wds_split",
@@ -489,6 +492,59 @@ def scan_webdataset(indexes: Sequence[ArchiveIndex], *, min_images: int = 1) -> 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
+
+
+
+def shard_list(s: str) -> list[str] | None:
+    """WebDataset shards named by ``s``: a brace list (``shards-{000..009}.tar``), or a folder holding archives
+    and no sub-folders; None when ``s`` is neither."""
+    if "{" in s and "}" in s and not os.path.exists(s):
+        names = expand_braces(s)
+        missing = [n for n in names if not os.path.isfile(n)]
+        if missing:
+            raise UserError(f"{s}: {len(missing)} of {len(names)} shards do not exist (first: {missing[0]})")
+        return names
+    if os.path.isdir(s):
+        with os.scandir(s) as it:
+            entries = [d for d in it if not d.name.startswith(".")]
+        if entries and not any(d.is_dir() for d in entries):
+            shards = sorted(d.path for d in entries if is_archive_name(d.name))
+            return shards or None
+    return None
+
+
+def names_archives(s: str) -> bool:
+    """Whether SRC ``s`` names archives: WebDataset shards (:func:`shard_list`), ``x.tar.gz::folder``, or a file
+    that is a tar by its name or content (a ``.lst`` never is). Anything else is a folder or a ``.lst``."""
+    if shard_list(s) is not None or split_member_path(s) is not None:
+        return True
+    return os.path.isfile(s) and not s.lower().endswith(".lst") and (is_archive_name(s) or looks_like_archive(s))
+
+
+def scan_archive_source(
+    s: str, *, exts: Iterable[str] = (".jpg", ".jpeg", ".png"), min_images: int = 1
+) -> tuple[str, str, ArchiveScan]:
+    """``(kind, root, scan)`` of a SRC that :func:`names_archives`: kind ``"archive"`` or ``"webdataset"`` (a
+    single tar whose samples carry a ``.cls``, or shards), ``root`` as reports name it, and the scan with
+    :func:`packer.scan.scan_folder`'s rules (the labels and order of the extracted folder)."""
+    shards = shard_list(s)
+    ref = split_member_path(s)
+    if shards is not None:
+        indexes = [index_archive(p, keep=wds_meta_member) for p in shards]
+        return "webdataset", os.path.abspath(s), scan_webdataset(indexes, min_images=min_images)
+    path, root = ref if ref is not None else (s, None)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such archive")
+    idx = index_archive(path, keep=wds_meta_member)
+    if any(wds_split(m.name)[1].lower() == "cls" for m in idx.files):  # samples carry a class: WebDataset
+        return "webdataset", idx.path, scan_webdataset([idx], min_images=min_images)
+    scan = scan_archive(idx, root=root, exts=exts, min_images=min_images)
+    if not scan.entries and root is None:
+        raise UserError(
+            f"{s}: no <identity>/<image> photos found in the archive; if they lie in a sub-folder of it, name that "
+            f"folder: {s}::<folder> (e.g. vggface2_train.tar.gz::train)"
+        )
+    return "archive", member_path(idx.path, root) if root else idx.path, scan
 
 
 def reorder_bytes(members: Iterable[Member | None]) -> dict[str, int]:

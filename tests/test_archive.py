@@ -241,3 +241,28 @@ def test_pack_reads_train_lst_members_back_from_the_archive(ref, tmp_path):
     lines = [[r[0], "a.tar.gz::" + split_member_path(r[1])[1], *r[2:]] for r in _lst_rows(out)]
     (moved / "rel.lst").write_text("".join("\t".join(r) + "\n" for r in lines))
     assert [it.member is not None for it in scan_source(str(moved / "rel.lst")).items] == [True] * len(lines)
+
+
+def test_lst_of_an_archive_lists_the_folders_photos_as_members(ref, tmp_path):
+    """``gpu-align lst ARCHIVE``: the lines of ``gpu-align lst`` of the extracted folder (same order, labels,
+    aligned flag), each naming ``ARCHIVE::MEMBER``; ``--relative`` names the archive from the .lst's folder, and
+    ``run`` of that .lst reads the members."""
+    root, _ = ref
+    archive = tmp_path / "vggface2_train.tar.gz"
+    write_vggface2_archive(root, archive, seed=4)
+    assert cli.run(["lst", str(root), "-o", str(tmp_path / "folder.lst"), "--aligned", "0", "-q"]) == 0
+    assert cli.run(["lst", str(archive), "-o", str(tmp_path / "archive.lst"), "--aligned", "0", "-q"]) == 0
+    folder = [r.split("\t") for r in (tmp_path / "folder.lst").read_text().splitlines()]
+    got = [r.split("\t") for r in (tmp_path / "archive.lst").read_text().splitlines()]
+    assert [(r[0], r[2]) for r in got] == [(r[0], r[2]) for r in folder]
+    for g, f in zip(got, folder, strict=True):
+        arc, member = split_member_path(g[1])
+        assert arc == str(archive)
+        assert Path(member).parts[-2:] == Path(f[1]).parts[-2:]
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    assert cli.run(["lst", str(archive), "-o", str(sub / "rel.lst"), "--relative", "--aligned", "0", "-q"]) == 0
+    rel = [r.split("\t")[1] for r in (sub / "rel.lst").read_text().splitlines()]
+    assert all(p.startswith("../vggface2_train.tar.gz::") for p in rel), rel[:2]
+    items = scan_source(str(sub / "rel.lst")).items
+    assert [it.member.path for it in items] == [g[1] for g in got]

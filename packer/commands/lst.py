@@ -8,9 +8,10 @@ import re
 import sys
 from collections import Counter
 
+from packer.archive import names_archives, scan_archive_source, split_member_path
 from packer.errors import UserError
 from packer.fsutil import atomic_write
-from packer.lst import LST_ENCODING, LST_ERRORS, format_lst_line
+from packer.lst import LST_ENCODING, LST_ERRORS, LstEntry, format_lst_line
 from packer.scan import BAD_PATH, DEFAULT_EXTS, scan_folder
 
 EPILOG = """\
@@ -22,6 +23,8 @@ examples:
   gpu-align lst photos/ -o photos.lst --aligned 0
       raw photos, for `gpu-align run photos.lst` (detect + align)
   gpu-align lst data/faces -o -          write the list to stdout (summary goes to stderr)
+  gpu-align lst vggface2_train.tar.gz -o train.lst --aligned 0
+      the archive's photos, read without extracting: 0<TAB>/abs/vggface2_train.tar.gz::train/n000002/0001_01.jpg<TAB>0
 
 Identities are ROOT's sub-folders in sorted order and get labels 0..C-1 in that order: by number when every
 identity folder name is a plain non-negative integer (0, 1, ..., 10, as `gpu-align unpack` writes them, so
@@ -37,12 +40,60 @@ def _kind(reason: str) -> str:
     return re.split(r"[(:]", reason)[0].strip()
 
 
+def _write(args: argparse.Namespace, text: str) -> None:
+    """The .lst text to ``args.output`` (atomically) or stdout (``-``)."""
+    if args.output == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        atomic_write(args.output, text.encode(LST_ENCODING, LST_ERRORS))
+    except OSError as e:
+        raise UserError(f"cannot write {args.output}: {e.strerror}") from None
+
+
+def _list_skipped(skipped: list[tuple[str, str]], info) -> None:
+    for path, reason in skipped[:20]:
+        print(f"  skipped {path}: {reason}", file=info)
+    if len(skipped) > 20:
+        print(f"  … and {len(skipped) - 20} more", file=info)
+
+
+def _run_archive(args: argparse.Namespace) -> int:
+    """``ROOT`` is a ``.tar``/``.tar.gz`` (``::folder``) or WebDataset shards: one line per member photo, named
+    ``ARCHIVE::MEMBER`` (``--relative``: the archive's path relative to the .lst's folder)."""
+    to_stdout = args.output == "-"
+    _, root, scan = scan_archive_source(args.root, exts=args.exts, min_images=args.min_images)
+    if not scan.entries:
+        raise UserError(f"no images found in {args.root} (expected [folder/]<identity>/<image> members)")
+    base = os.getcwd() if to_stdout else os.path.dirname(os.path.abspath(args.output))
+    label = {ident: k for k, ident in enumerate(scan.identities)}
+    entries = []
+    for ident, m in scan.entries:
+        path = m.path
+        if args.relative:
+            archive, member = split_member_path(path)
+            path = f"{os.path.relpath(archive, base)}::{member}"
+        entries.append(LstEntry(args.aligned, path, label[ident]))
+    _write(args, "".join(format_lst_line(e) + "\n" for e in entries))
+    skipped = [*scan.problems, *scan.skipped]
+    info = sys.stderr if to_stdout else sys.stdout
+    where = "stdout" if to_stdout else args.output
+    msg = f"{where}: {len(scan.identities)} identities, {len(entries)} images from {root} (aligned={args.aligned})"
+    print(msg + (f"; skipped {len(skipped)}" if skipped else "; nothing skipped"), file=info)
+    if not args.quiet:
+        _list_skipped(skipped, info)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.min_images < 1:
         raise UserError(f"--min-images must be at least 1, got {args.min_images}")
     # A ROOT whose absolute path holds a tab/newline is refused by the scan; with --relative only the part of it that
     # the lines would hold counts (none when the .lst sits inside ROOT), so scan relative to ROOT then.
     absolute = not (args.relative and any(c in os.path.abspath(args.root) for c in "\t\n\r"))
+    if names_archives(args.root):
+        return _run_archive(args)
     res = scan_folder(args.root, exts=args.exts, min_images=args.min_images, aligned=args.aligned, absolute=absolute)
     to_stdout = args.output == "-"
     kinds = Counter(_kind(r) for _, r in res.skipped)
@@ -64,24 +115,14 @@ def _run(args: argparse.Namespace) -> int:
         else:
             entries = [e.with_path(os.path.normpath(os.path.join(prefix, e.path))) for e in entries]
     text = "".join(format_lst_line(e) + "\n" for e in entries)
-    if to_stdout:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        try:
-            atomic_write(args.output, text.encode(LST_ENCODING, LST_ERRORS))
-        except OSError as e:
-            raise UserError(f"cannot write {args.output}: {e.strerror}") from None
+    _write(args, text)
     info = sys.stderr if to_stdout else sys.stdout
     where = "stdout" if to_stdout else args.output
     style = f"paths relative to {base}" if args.relative else "absolute paths"
     msg = f"{where}: {len(res.identities)} identities, {len(entries)} images ({style}, aligned={args.aligned})"
     print(msg + (f"; {skipped_msg}" if res.skipped else "; nothing skipped"), file=info)
-    if res.skipped and not args.quiet:
-        for path, reason in res.skipped[:20]:
-            print(f"  skipped {path}: {reason}", file=info)
-        if len(res.skipped) > 20:
-            print(f"  … and {len(res.skipped) - 20} more", file=info)
+    if not args.quiet:
+        _list_skipped(res.skipped, info)
     return 0
 
 
@@ -96,7 +137,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("root", metavar="ROOT", help="dataset folder: ROOT/<identity>/<image>")
+    p.add_argument(
+        "root",
+        metavar="ROOT",
+        help="dataset folder ROOT/<identity>/<image>, or a .tar/.tar.gz[::folder] of it, or WebDataset shards "
+        "(lines then name ARCHIVE::MEMBER)",
+    )
     p.add_argument(
         "-o", "--output", required=True, metavar="LST", help="the .lst to write (replaced atomically); '-' = stdout"
     )
