@@ -507,10 +507,18 @@ def shard_list(s: str) -> list[str] | None:
     if os.path.isdir(s):
         with os.scandir(s) as it:
             entries = [d for d in it if not d.name.startswith(".")]
-        if entries and not any(d.is_dir() for d in entries):
+        if entries and not any(_maybe_folder(d) for d in entries):
             shards = sorted(d.path for d in entries if is_archive_name(d.name))
             return shards or None
     return None
+
+
+def _maybe_folder(entry: os.DirEntry) -> bool:
+    """A sub-folder, or an entry that cannot be told (a symlink loop): either way not a folder of shards only."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return True
 
 
 def names_archives(s: str) -> bool:
