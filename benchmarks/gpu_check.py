@@ -485,6 +485,12 @@ def build_summary(work: Path, mode: str, command: str) -> tuple[dict, list[str],
             + (f"; limited to {plan['limit']:,} photos to fit the cap" if plan.get("limit") else "")
         )
         lines.append(f"  per stage:      {stages}")
+        busy = sum(st.get(k, 0.0) for k in _PROCESS_STAGES)
+        lines.append(
+            f"  overlap:        the stages add up to {busy:.1f} s in {secs:.1f} s of run ({busy / secs:.2f}x; above "
+            "1 they overlap: decode and the next batch run while a batch's warp and host copy finish; 'transfer' is "
+            "the host's wait for a copy)"
+        )
         lines.append(f"  packer:         {packer or 'n/a'} (separate process, overlapped)")
         lines.append(f"  decoder:        {s['main']['decoder']}")
         rows += [

@@ -52,7 +52,12 @@ class RunOptions:
 
 @dataclass
 class StageTimes:
-    """Seconds spent per stage in the main process (the packer's encode/write come back from its process)."""
+    """Seconds per stage of the main process (the packer's encode/write come back from its process).
+
+    ``detect``, ``refine``, ``warp``: the device's time (CUDA events on a GPU, so stages that overlap the host's
+    work are not double-counted as waiting); ``transfer``: the host's wait for a batch's copy and its message;
+    ``queue_wait``: back-pressure from the packer.
+    """
 
     scan: float = 0.0
     decode: float = 0.0
