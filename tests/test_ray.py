@@ -41,7 +41,7 @@ def _opts(src: Path, out: Path, **kw) -> RunOptions:
 
 
 def _ray_opts(**kw) -> RayOptions:
-    return RayOptions(shards=SHARDS, workers=2, worker_cpus=0.25, **kw)
+    return RayOptions(**{"shards": SHARDS, "workers": 2, "worker_cpus": 0.25, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,8 @@ def test_killed_worker_is_retried_and_repeated_failure_stops_the_job(ray_runtime
 
 def test_stopped_job_resumes(ray_runtime, photos, reference, tmp_path):
     """The driver stopped (what Ctrl-C does) while shard 1 is held mid-way: every running shard stops cleanly and
-    keeps its commits; ``--resume`` finishes with the same bytes; a second ``--resume`` has nothing to do."""
+    keeps its commits; a rerun without --resume, or with other settings or shard count, is refused; ``--resume``
+    finishes with the same bytes; a second ``--resume`` has nothing to do."""
     from gpu_align.scale import run_ray
 
     class Stop(Exception):
@@ -167,8 +168,12 @@ def test_stopped_job_resumes(ray_runtime, photos, reference, tmp_path):
         run_ray(_opts(photos, out), _ray_opts(hold=(1, 1)), on_status=stop_when_held)
     assert json.loads((shard_dir(out, 1, SHARDS) / STATE_NAME).read_text())["done"] > 0
     assert not (out / "train.rec").exists()
-    with pytest.raises(Exception, match="holds an unfinished Ray run: add --resume"):
+    with pytest.raises(UserError, match="holds an unfinished Ray run: add --resume"):
         run_ray(_opts(photos, out), _ray_opts())
+    with pytest.raises(UserError, match=r"other settings \(quality: 95 then, 90 now\)"):
+        run_ray(_opts(photos, out, resume=True, quality=90), _ray_opts())
+    with pytest.raises(UserError, match="was started with --shards 3"):
+        run_ray(_opts(photos, out, resume=True), _ray_opts(shards=2))
     res = run_ray(_opts(photos, out, resume=True), _ray_opts())
     _same(reference, out)
     assert res.retries == 0

@@ -37,6 +37,7 @@ from gpu_align.scale.plan import (
     RayOptions,
     default_shards,
     read_plan,
+    replace_options,
     shard_dir,
     shard_sources,
     write_plan,
@@ -89,17 +90,6 @@ def import_ray():
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     return ray
-
-
-def _replace(opts: RunOptions, **changes: Any) -> RunOptions:
-    """``dataclasses.replace`` that keeps attributes set on ``opts`` beyond its fields (the command sets
-    ``landmarks_csv``/``boxes_csv`` that way), so every shard runs with exactly the caller's options."""
-    new = dataclasses.replace(opts, **changes)
-    names = {f.name for f in dataclasses.fields(opts)}
-    for k, v in vars(opts).items():
-        if k not in names:
-            setattr(new, k, v)
-    return new
 
 
 def _check(opts: RunOptions, ray_opts: RayOptions) -> None:
@@ -388,7 +378,10 @@ class _Scheduler:
 
     def worker_report(self) -> list[dict[str, Any]]:
         per: dict[str, dict[str, Any]] = {
-            w.name: {"worker": w.name, **w.info, "alive_at_end": w.alive, "shards": 0, "processed": 0, "busy_s": 0.0}
+            w.name: {
+                "worker": w.name, **w.info, "alive_at_end": w.alive, "shards": 0, "processed": 0, "busy_s": 0.0,
+                "cpu_s": 0.0,
+            }
             for w in self.workers
         }
         for res in self.results.values():
@@ -397,8 +390,9 @@ class _Scheduler:
                 p["shards"] += 1
                 p["processed"] += res.get("processed", 0)
                 p["busy_s"] += res.get("seconds", 0.0)
+                p["cpu_s"] += res.get("cpu_seconds", 0.0)
         for p in per.values():
-            p["busy_s"] = round(p["busy_s"], 3)
+            p["busy_s"], p["cpu_s"] = round(p["busy_s"], 3), round(p["cpu_s"], 3)
             p["images_per_second"] = round(p["processed"] / p["busy_s"], 1) if p["busy_s"] > 0 else None
         return list(per.values())
 
@@ -465,7 +459,7 @@ def run_ray(
         import torch
 
         gpu, n_workers, actor_options = _resources(ray, opts, ray_opts, started and ray_opts.address in (None, "local"))
-        run_opts = _replace(opts, device="cuda" if gpu else "cpu")
+        run_opts = replace_options(opts, device="cuda" if gpu else "cpu")
         check_options(run_opts, torch.device(run_opts.device))  # fills the batch size; refuses bad values now
         old = read_plan(out)
         threads = None if gpu else (ray_opts.torch_threads or torch.get_num_threads())
@@ -496,7 +490,7 @@ def run_ray(
         for i, part in enumerate(parts):
             if not part.items:
                 continue
-            shard_opts = _replace(
+            shard_opts = replace_options(
                 run_opts, out=str(shard_dir(out, i, n)), shard=(i, n), resume=True, overwrite=False, quiet=True,
                 layout="insightface", shuffle=None,
             )

@@ -33,6 +33,7 @@ __all__ = [
     "RayOptions",
     "default_shards",
     "read_plan",
+    "replace_options",
     "shard_dir",
     "shard_sources",
     "write_plan",
@@ -77,6 +78,17 @@ class RayOptions:
     keep_shards: bool = False
     torch_threads: int | None = None
     hold: tuple[int, int] | None = None
+
+
+def replace_options(opts: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` of a :class:`RunOptions` that keeps attributes set on it beyond its fields (the
+    command sets ``landmarks_csv``/``boxes_csv`` that way), so every shard runs with exactly the caller's options."""
+    new = dataclasses.replace(opts, **changes)
+    names = {f.name for f in dataclasses.fields(opts)}
+    for k, v in vars(opts).items():
+        if k not in names:
+            setattr(new, k, v)
+    return new
 
 
 def default_shards(num_inputs: int) -> int:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpu_align.scale.plan import replace_options
 from gpu_align.scan import Source
 
 _LOCK_WAIT_S = 60.0  # how long a retry waits for the dead attempt's packer to let go of the shard's folder
@@ -44,6 +45,14 @@ class ShardSpec:
     hold: int | None = None  # test hook: see RayOptions.hold
     gpu: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU of this worker process and of its reaped children (each shard's packer process)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _committed(out: Path) -> int:
@@ -147,7 +156,7 @@ class ShardWorker:
         from packer.errors import UserError
 
         out = Path(spec.opts.out)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         with self._lock:
             self._status = {"shard": spec.index, "attempt": spec.attempt, "done": 0, "total": len(spec.source.items),
                             "counts": {}, "held": False, "resumed_at": 0, "started": time.time()}
@@ -191,9 +200,12 @@ class ShardWorker:
             self._stop.wait()  # until killed (the test) or stopped (Ctrl-C)
             raise KeyboardInterrupt
 
+        opts = spec.opts
+        if self.gpu and opts.threads is None:  # this worker's share of the node's cores, not all of them
+            opts = replace_options(opts, threads=self.torch_threads)
         _wait_for_folder(out)
         try:
-            result = run(spec.opts, source=spec.source, progress=progress)
+            result = run(opts, source=spec.source, progress=progress)
         except KeyboardInterrupt:
             return {"shard": spec.index, "stopped": True, "done": _committed(out)}
         except (UserError, PackerDied) as e:
@@ -222,6 +234,7 @@ class ShardWorker:
             "images": report.get("counts", {}).get("images"),
             "classes": report.get("counts", {}).get("classes"),
             "seconds": round(seconds, 3),
+            "cpu_seconds": round(_cpu_seconds() - cpu0, 3),
             "images_per_second": round(result.processed / seconds, 1) if seconds > 0 else None,
             "stage_seconds": inv.get("stage_seconds"),
             "device": report.get("extra", {}).get("run", {}).get("device"),
