@@ -11,8 +11,8 @@ Protocol — the only place it is defined. Two ``multiprocessing`` queues and on
   with the writer's summary, ``report`` = the ``report.json`` it wrote), :class:`Aborted` (``done`` = inputs a resume
   keeps) or :class:`PackerError` (``message``: one line for the user). A :class:`PackerError` may come instead of
   :class:`Ready` (the writer refused to open ``out_dir``) or at any time after it.
-- ``stop`` (an event, set by :meth:`PackerClient.abort`, e.g. on Ctrl-C): the packer aborts at its next input, even
-  with batches still queued.
+- ``stop`` (a :class:`StopFlag`, set by :meth:`PackerClient.abort`, e.g. on Ctrl-C): the packer aborts at its
+  next input, even with batches still queued.
 
 The packer ignores SIGINT/SIGTERM/SIGHUP (the parent decides), and aborts by itself when its parent dies. The client
 watches the packer in every wait: a packer that ends without a reply is :class:`PackerDied`. Neither end imports
@@ -171,6 +171,21 @@ def _caller_main_hidden() -> Iterator[None]:
             sys.modules["__main__"] = main
 
 
+class StopFlag:
+    """A stop request shared with the packer process, without a lock: a packer killed while reading a
+    ``multiprocessing.Event`` can leave the event's internal lock taken, and the main process's next ``set()``
+    would then block for ever. One shared byte has no lock to leave behind."""
+
+    def __init__(self, ctx: Any):
+        self._flag = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+
 class PackerClient:
     """The main process's end: starts the packer process; every wait also watches for its errors and its death.
 
@@ -188,7 +203,7 @@ class PackerClient:
         ctx = mp.get_context("spawn")  # never fork a process that holds CUDA state
         self.inbox = ctx.Queue(maxsize=max(1, queue_batches))
         self.outbox = ctx.Queue()
-        self.stop = ctx.Event()  # set on Ctrl-C: the packer aborts at its next input, queued batches or not
+        self.stop = StopFlag(ctx)  # set on Ctrl-C: the packer aborts at its next input, queued batches or not
         self.proc = ctx.Process(
             target=packer_main,
             args=(self.inbox, self.outbox, writer, quality, save_crops, threads, os.getpid(), self.stop),
@@ -299,8 +314,8 @@ def packer_main(
 ) -> None:
     """Entry point of the packer process (``multiprocessing`` target). See the module docstring for the protocol.
 
-    ``stop``: an optional ``multiprocessing.Event``; once set, the packer aborts (keeping what is committed) at the
-    next input, even with batches still queued.
+    ``stop``: an optional :class:`StopFlag` (or any object with ``is_set()``); once set, the packer aborts
+    (keeping what is committed) at the next input, even with batches still queued.
     """
     # Ctrl-C, a terminal hang-up or a service stop reach the whole process group: the parent decides, this process
     # waits for its Abort (and, should the parent die, notices it within _POLL_S and keeps what is committed).
