@@ -20,6 +20,16 @@ PACKER_COMMANDS = ("lst", "pack", "unpack", "inspect", "verify", "reindex", "mer
 Registrar = Callable[[argparse._SubParsersAction], None]
 
 
+def add_command(
+    sub: argparse._SubParsersAction, name: str, help: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
+    """Register one command's parser, the same way for every command (``--help`` keeps the epilog's examples and
+    line breaks as written)."""
+    return sub.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def build_parser(
     extra: Sequence[Registrar] = (), prog: str = "gpu-align", defaults: dict | None = None
 ) -> argparse.ArgumentParser:

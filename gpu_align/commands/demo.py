@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from packer.cli import add_command
+
 DESCRIPTION = """\
 The main job on an embedded demo dataset, end to end, with nothing to download:
   1. build OUT/photos: a VGGFace2-like root/<identity>/<image> folder (tens of identities, a few hundred photos
@@ -22,15 +24,15 @@ loose_landmark_train.csv, and a second run with --landmarks-csv (no detection) i
 the same train.rec/.idx bytes."""
 
 
+HELP = "build a demo photo folder from shipped face photos and run the full pipeline on it"
+EPILOG = """\
+example:
+  gpu-align demo                 # writes ./demo-output
+  gpu-align demo --device cpu --identities 40 --images 15"""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="build a demo photo folder from shipped face photos and run the full pipeline on it",
-        description=DESCRIPTION,
-        epilog="example:\n  gpu-align demo                 # writes ./demo-output\n"
-        "  gpu-align demo --device cpu --identities 40 --images 15",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "demo", HELP, DESCRIPTION, EPILOG)
     p.add_argument("--out", "-o", default="demo-output", metavar="DIR", help="where to write (default: demo-output)")
     p.add_argument("--identities", type=int, default=24, help="identities in the demo folder (default: 24)")
     p.add_argument("--images", type=int, default=12, help="mean photos per identity (default: 12)")

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from packer.cli import add_command
 from packer.errors import UserError
 
 DESCRIPTION = """\
@@ -41,14 +42,11 @@ examples:
 train.lst lines are face2rec2's: 0<TAB>photo<TAB>label<TAB>x1 y1 x2 y2<TAB>x1..x5 y1..y5 (landmarks, all x first)."""
 
 
+HELP = "align a folder of face photos (or a .lst) into train.rec/.idx/.lst/property"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run",
-        help="align a folder of face photos (or a .lst) into train.rec/.idx/.lst/property",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "run", HELP, DESCRIPTION, EPILOG)
     p.add_argument("src", help="root/<identity>/<image> folder, .tar/.tar.gz of one, WebDataset shards, or a .lst")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty, or --resume)")
     g = p.add_argument_group("hardware")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from packer.binfile import load_pair_images, load_pair_source, pairs_from_source, read_pairs, write_bin
+from packer.cli import add_command
 from packer.errors import UserError
 
 EPILOG = """\
@@ -73,16 +74,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = "build an InsightFace verification .bin from a pairs list, or draw pairs from a dataset"
+DESCRIPTION = (
+    "Pack pairs of aligned face crops into an InsightFace verification set (.bin), "
+    "like lfw.bin / cfp_fp.bin / agedb_30.bin: from a pairs list, or drawn (balanced, seeded) from a "
+    "dataset or crop folder with --from-dataset."
+)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bin",
-        help="build an InsightFace verification .bin from a pairs list, or draw pairs from a dataset",
-        description="Pack pairs of aligned face crops into an InsightFace verification set (.bin), "
-        "like lfw.bin / cfp_fp.bin / agedb_30.bin: from a pairs list, or drawn (balanced, seeded) from a "
-        "dataset or crop folder with --from-dataset.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "bin", HELP, DESCRIPTION, EPILOG)
     p.add_argument("pairs", metavar="PAIRS", nargs="?", help="pairs list: 'pathA pathB 1|0' per line (see below)")
     p.add_argument(
         "--from-dataset",

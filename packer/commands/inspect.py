@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from packer.binfile import read_bin
+from packer.cli import add_command
 from packer.errors import UserError
 from packer.montage import montage, save_montage
 from packer.reader import DatasetReader, decode_image, image_format, image_shape
@@ -266,15 +267,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = "show what a dataset or a verification .bin holds (--montage: picture of samples)"
+DESCRIPTION = (
+    "Describe a RecordIO face dataset (layout, labels, counts, header, first records) or an "
+    "InsightFace verification .bin (pairs, positives/negatives, image size)."
+)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="show what a dataset or a verification .bin holds (--montage: picture of samples)",
-        description="Describe a RecordIO face dataset (layout, labels, counts, header, first records) or an "
-        "InsightFace verification .bin (pairs, positives/negatives, image size).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "inspect", HELP, DESCRIPTION, EPILOG)
     p.add_argument("path", metavar="PATH", help="dataset folder, .rec, or verification .bin")
     p.add_argument("--records", type=int, default=5, metavar="N", help="first records to list (default 5)")
     p.add_argument("--montage", metavar="OUT.png", help="draw sample faces (or the first pairs) into this image")

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 
 from packer.archive import names_archives, scan_archive_source, split_member_path
+from packer.cli import add_command
 from packer.errors import UserError
 from packer.fsutil import atomic_write
 from packer.lst import LST_ENCODING, LST_ERRORS, LstEntry, format_lst_line
@@ -126,17 +127,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = "make a face2rec2 .lst from a root/<identity>/<image> folder (dir2lst)"
+DESCRIPTION = (
+    "List a dataset folder (root/<identity>/<image>) as a face2rec2 .lst: one "
+    "'aligned<TAB>path<TAB>label' line per image, identities in sorted folder order (numeric when every name is "
+    "a number) with labels 0..C-1. "
+    "The result feeds `gpu-align pack` (aligned crops) or `gpu-align run` (photos) and InsightFace's face2rec2."
+)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "lst",
-        help="make a face2rec2 .lst from a root/<identity>/<image> folder (dir2lst)",
-        description="List a dataset folder (root/<identity>/<image>) as a face2rec2 .lst: one "
-        "'aligned<TAB>path<TAB>label' line per image, identities in sorted folder order (numeric when every name is "
-        "a number) with labels 0..C-1. "
-        "The result feeds `gpu-align pack` (aligned crops) or `gpu-align run` (photos) and InsightFace's face2rec2.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "lst", HELP, DESCRIPTION, EPILOG)
     p.add_argument(
         "root",
         metavar="ROOT",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from packer.cli import add_command
 from packer.layout import LABEL_STYLES, LAYOUTS, WriteSummary
 from packer.merge import merge_datasets
 
@@ -82,14 +83,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+HELP = "merge dataset shards into one (labels/keys renumbered, bytes copied as-is)"
+DESCRIPTION = "Merge several RecordIO face datasets into one, in the insightface or flat layout."
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "merge",
-        help="merge dataset shards into one (labels/keys renumbered, bytes copied as-is)",
-        description="Merge several RecordIO face datasets into one, in the insightface or flat layout.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "merge", HELP, DESCRIPTION, EPILOG)
     p.add_argument("inputs", nargs="+", metavar="DIR", help="input datasets (folders or .rec files), in order")
     add_common(p)
     p.add_argument("--layout", choices=LAYOUTS, default="insightface", help="output layout (default insightface)")

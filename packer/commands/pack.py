@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import simplejpeg
 
+from packer.cli import add_command
 from packer.errors import UserError
 from packer.fsutil import atomic_write
 from packer.imageinfo import ImageError, NotRegularFileError, TooBigError, image_format, probe_image, read_regular_file
@@ -309,18 +310,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = (
+    "pack a face2rec2 .lst into train.rec/.idx/.lst + property: aligned=1 crops stored as they are, "
+    "aligned=0 photos aligned (with their landmarks, else detected)"
+)
+DESCRIPTION = (
+    "Pack a face2rec2 .lst into an InsightFace dataset folder: train.rec, train.idx, train.lst, "
+    "property, report.json. aligned=1 lines (aligned crops) are stored byte for byte, as face2rec2 does; "
+    "aligned=0 lines (photos) are aligned like `gpu-align run LST`: warped with the line's landmarks when it "
+    "has them, else detected. Killed or out of disk space? Rerun with --resume."
+)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pack",
-        help="pack a face2rec2 .lst into train.rec/.idx/.lst + property: aligned=1 crops stored as they are, "
-        "aligned=0 photos aligned (with their landmarks, else detected)",
-        description="Pack a face2rec2 .lst into an InsightFace dataset folder: train.rec, train.idx, train.lst, "
-        "property, report.json. aligned=1 lines (aligned crops) are stored byte for byte, as face2rec2 does; "
-        "aligned=0 lines (photos) are aligned like `gpu-align run LST`: warped with the line's landmarks when it "
-        "has them, else detected. Killed or out of disk space? Rerun with --resume.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "pack", HELP, DESCRIPTION, EPILOG)
     p.add_argument("lst", metavar="LST", help="face2rec2 .lst (e.g. from `gpu-align lst`)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty or new)")
     p.add_argument(

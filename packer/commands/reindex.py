@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from packer.cli import add_command
 from packer.reindex import KEY_MODES, reindex
 
 EPILOG = """\
@@ -44,15 +45,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = "rebuild a lost/corrupt .idx from the .rec (--repair: fix a damaged .rec)"
+DESCRIPTION = (
+    "Scan a .rec and write its .idx (key<TAB>offset per record, in file order), "
+    "as mxnet's MXIndexedRecordIO writes it."
+)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "reindex",
-        help="rebuild a lost/corrupt .idx from the .rec (--repair: fix a damaged .rec)",
-        description="Scan a .rec and write its .idx (key<TAB>offset per record, in file order), "
-        "as mxnet's MXIndexedRecordIO writes it.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "reindex", HELP, DESCRIPTION, EPILOG)
     p.add_argument("rec", metavar="REC", help="the .rec file (or a dataset folder: its train.rec)")
     p.add_argument("--keys", choices=KEY_MODES, default="auto", help="how keys are chosen (default auto; see below)")
     p.add_argument("--repair", action="store_true", help="remove damaged bytes from the .rec first (see below)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from packer.cli import add_command
 from packer.commands.merge import add_common, print_summary
 from packer.merge import merge_datasets
 
@@ -43,14 +44,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = "convert a dataset to the flat layout for DALI (keys 0..N-1, scalar labels, no meta records)"
+DESCRIPTION = "Rewrite a RecordIO face dataset in the flat layout, optionally shuffled."
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "to-flat",
-        help="convert a dataset to the flat layout for DALI (keys 0..N-1, scalar labels, no meta records)",
-        description="Rewrite a RecordIO face dataset in the flat layout, optionally shuffled.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "to-flat", HELP, DESCRIPTION, EPILOG)
     p.add_argument("dataset", metavar="DIR", help="dataset folder (train.rec + train.idx), or a .rec file")
     add_common(p)
     p.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="shuffle the records with this seed")

@@ -12,6 +12,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from packer.cli import add_command
 from packer.errors import UserError
 from packer.reader import DatasetReader, image_ext
 from packer.verify import check_index_or_refuse
@@ -97,14 +98,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = "write a dataset's images to IMGDIR/<label>/<key>.jpg (stored bytes, no re-encode)"
+DESCRIPTION = "Extract the images of a RecordIO dataset into one folder per label."
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "unpack",
-        help="write a dataset's images to IMGDIR/<label>/<key>.jpg (stored bytes, no re-encode)",
-        description="Extract the images of a RecordIO dataset into one folder per label.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "unpack", HELP, DESCRIPTION, EPILOG)
     p.add_argument("dataset", metavar="DIR", help="dataset folder (train.rec + train.idx), or a .rec / .idx file")
     p.add_argument("--out", required=True, metavar="IMGDIR", help="output folder (must be empty or new)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty IMGDIR")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from packer.cli import add_command
 from packer.verify import PROBLEM_KINDS, VerifyReport, verify_dataset
 
 EPILOG = """\
@@ -69,15 +70,15 @@ def format_report(rep: VerifyReport) -> str:
     return "\n".join(lines)
 
 
+HELP = "check a dataset's integrity (records, index, layout, labels, images)"
+DESCRIPTION = (
+    "Scan a RecordIO dataset completely and report every problem precisely "
+    "(key and byte offset). Exit code 0 when clean, 1 when problems were found."
+)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "verify",
-        help="check a dataset's integrity (records, index, layout, labels, images)",
-        description="Scan a RecordIO dataset completely and report every problem precisely "
-        "(key and byte offset). Exit code 0 when clean, 1 when problems were found.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "verify", HELP, DESCRIPTION, EPILOG)
     p.add_argument("dataset", metavar="DIR", help="dataset folder (train.rec + train.idx), or a .rec / .idx file")
     p.add_argument("--no-decode", action="store_true", help="only read image headers (size/format), do not decode")
     p.add_argument("--max-problems", type=int, default=20, metavar="N", help="problems shown in detail (default 20)")
