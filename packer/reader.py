@@ -34,7 +34,16 @@ from packer.dataset_rules import (  # the layout and label rules; re-exported he
     style_of_flags,
 )
 from packer.errors import UserError
-from packer.recordio import MAGIC_BYTES, IRHeader, RecordIOError, decode_flag, decode_length, read_record_at, unpack
+from packer.recordio import (
+    MAGIC_BYTES,
+    IRHeader,
+    RecordIOError,
+    decode_flag,
+    decode_length,
+    read_record_at,
+    require_recordio,
+    unpack,
+)
 
 __all__ = [
     "DatasetPaths",
@@ -343,9 +352,11 @@ class DatasetReader:
             )
         self._f: BinaryIO = open(self.paths.rec, "rb")  # noqa: SIM115 - closed by close()
         self.rec_size = os.fstat(self._f.fileno()).st_size
-        if self.rec_size and self._f.read(4) != MAGIC_BYTES:
+        try:
+            require_recordio(self._f, self.paths.rec, self.rec_size)
+        except UserError:
             self.close()
-            raise UserError(f"{self.paths.rec} is not a RecordIO file (it does not start with the RecordIO magic)")
+            raise
         past = np.flatnonzero(offsets >= self.rec_size)
         if len(past):
             k, o = int(keys[past[0]]), int(offsets[past[0]])

@@ -53,6 +53,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from packer.errors import UserError
+
 __all__ = [
     "MAGIC",
     "MAGIC_BYTES",
@@ -61,6 +63,7 @@ __all__ = [
     "MXIndexedRecordIO",
     "MXRecordIO",
     "RecordIOError",
+    "at_magic",
     "decode_flag",
     "decode_length",
     "encode_lrec",
@@ -68,6 +71,7 @@ __all__ = [
     "pack",
     "pack_img",
     "read_record_at",
+    "require_recordio",
     "scan_records",
     "unpack",
     "unpack_img",
@@ -75,6 +79,18 @@ __all__ = [
 
 MAGIC = 0xCED7230A  # dmlc-core RecordIOWriter::kMagic; the one definition in packer
 MAGIC_BYTES = struct.pack("<I", MAGIC)  # b"\x0a\x23\xd7\xce": how every part starts on disk
+
+
+def at_magic(f: BinaryIO) -> bool:
+    """Whether ``f``'s next four bytes are the RecordIO magic (``f`` moves past them): how every record part starts."""
+    return f.read(4) == MAGIC_BYTES
+
+
+def require_recordio(f: BinaryIO, path: object, size: int) -> None:
+    """Raise a :class:`~packer.errors.UserError` unless the file ``f`` (``size`` bytes, at offset 0) is empty or
+    starts with the magic: the first check every reader of a ``.rec`` makes, worded once."""
+    if size and not at_magic(f):
+        raise UserError(f"{path} is not a RecordIO file (it does not start with the RecordIO magic)")
 _LEN_BITS = 29  # lrec = cflag << 29 | length
 _LEN_MASK = (1 << _LEN_BITS) - 1
 MAX_RECORD_LENGTH = _LEN_MASK  # dmlc-core: CHECK(size < (1 << 29)); lrec keeps the length in 29 bits

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from packer.recordio import MAGIC_BYTES, RecordIOError, read_record_at
+from packer.recordio import MAGIC_BYTES, RecordIOError, at_magic, read_record_at
 
 __all__ = ["Damage", "Record", "scan_rec"]
 
@@ -58,7 +58,7 @@ def _valid_record_at(f: BinaryIO, pos: int, size: int) -> int | None:
     end = f.tell()
     if end == size:
         return end
-    return end if f.read(4) == MAGIC_BYTES else None
+    return end if at_magic(f) else None
 
 
 def _resync(f: BinaryIO, start: int, size: int) -> int:
@@ -90,7 +90,7 @@ def scan_rec(f: BinaryIO, size: int, start: int = 0, *, crc: bool = False) -> It
             payload = read_record_at(f, offset)
         except RecordIOError as e:
             f.seek(offset)
-            starts_with_magic = f.read(4) == MAGIC_BYTES
+            starts_with_magic = at_magic(f)
             nxt = _resync(f, offset + 1, size)
             yield Damage(offset, nxt, str(e), truncated=nxt == size and starts_with_magic)
             offset = nxt

@@ -35,7 +35,16 @@ from packer import crcfile
 from packer.errors import UserError
 from packer.fsutil import atomic_write, fsync_dir, sync_file
 from packer.reader import DatasetPaths, image_shape, is_meta_record, read_index, read_property, resolve_dataset
-from packer.recordio import MAGIC_BYTES, IRHeader, RecordIOError, encode_record, pack, read_record_at, unpack
+from packer.recordio import (
+    MAGIC_BYTES,
+    IRHeader,
+    RecordIOError,
+    encode_record,
+    pack,
+    read_record_at,
+    require_recordio,
+    unpack,
+)
 from packer.recscan import Damage, scan_rec
 
 __all__ = ["KEY_MODES", "ReindexResult", "reindex"]
@@ -77,8 +86,7 @@ def _scan(rec: Path, progress: bool) -> tuple[_Scanned, list[Damage], int]:
     damages: list[Damage] = []
     with open(rec, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size and f.read(4) != MAGIC_BYTES:
-            raise UserError(f"{rec} is not a RecordIO file (it does not start with the RecordIO magic)")
+        require_recordio(f, rec, size)
         bar = None
         if progress:
             from tqdm import tqdm

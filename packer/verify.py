@@ -36,7 +36,7 @@ from packer.reader import (
     read_property,
     resolve_dataset,
 )
-from packer.recordio import MAGIC_BYTES, RecordIOError, unpack
+from packer.recordio import MAGIC_BYTES, RecordIOError, at_magic, require_recordio, unpack
 from packer.recscan import Damage, scan_rec
 
 __all__ = [
@@ -140,6 +140,12 @@ class VerifyReport:
             "warnings": self.warnings,
         }
 
+
+
+def _id_key(header_id: int) -> int:
+    """A header's ``id`` as a key column (int64): an id of 2**63 or more (damaged bytes; mxnet's keys are signed)
+    is -1, a key no record has, so it is reported as pointing nowhere instead of stopping the check."""
+    return header_id if header_id < 1 << 63 else -1
 
 def _parse_index(path: Path, rep: VerifyReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """keys, offsets, line numbers of the well-formed .idx lines (int64 arrays); bad lines become problems."""
@@ -252,7 +258,7 @@ def verify_dataset(
 
     with open(paths.rec, "rb") as f:
         size = rep.rec_bytes = os.fstat(f.fileno()).st_size
-        if size and f.read(4) != MAGIC_BYTES:
+        if size and not at_magic(f):
             f.seek(0)
             head = f.read(8)
             raise UserError(
@@ -283,7 +289,7 @@ def verify_dataset(
                 first, second = header_labels(header)
                 rec_l0.append(first)
                 rec_l1.append(second)
-                rec_id.append(header.id)
+                rec_id.append(_id_key(header.id))
                 rec_body.append(len(body))
                 if body:
                     checker.add(item.offset, body)
@@ -371,8 +377,7 @@ def validate_index(path: str | os.PathLike, *, max_problems: int = 20) -> Verify
     l0, l1 = array("d"), array("d")
     with open(paths.rec, "rb") as f:
         size = rep.rec_bytes = os.fstat(f.fileno()).st_size
-        if size and f.read(4) != MAGIC_BYTES:
-            raise UserError(f"{paths.rec} is not a RecordIO file (it does not start with the RecordIO magic)")
+        require_recordio(f, paths.rec, size)
         for o, i in zip(uniq_off.tolist(), first.tolist(), strict=True):
             k = int(idx_keys[i])
             where = f"{name}:{int(idx_lines[i])}: key {k} points at byte {o}"
@@ -386,7 +391,7 @@ def validate_index(path: str | os.PathLike, *, max_problems: int = 20) -> Verify
                 kind = "offset-not-record" if "expected RecordIO magic" in str(e) else "offset-damaged"
                 rep.add(kind, f"{where}, where no whole record starts ({_strip_where(str(e))})", k, o)
                 continue
-            for c, v in (("off", o), ("end", end), ("key", k), ("flag", header.flag), ("id", header.id)):
+            for c, v in (("off", o), ("end", end), ("key", k), ("flag", header.flag), ("id", _id_key(header.id))):
                 cols[c].append(v)
             cols["body"].append(body_len)
             first, second = header_labels(header)
