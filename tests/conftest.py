@@ -81,3 +81,13 @@ def mxnet_python() -> Path:
         return mxnet_env.mxnet_python()
     except mxnet_env.MxnetUnavailable as e:
         pytest.fail(f"cannot build the reference mxnet venv: {e}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def ids() -> list[tuple[str, list[bytes]]]:
+    """The identities the dataset-tool tests share: ``[(name, [jpeg bytes, ...]), ...]``, ``tools_fixtures.COUNTS``
+    112×112 crops of one real photo per identity (built once per session, a fresh copy of the lists per module).
+    Imported here, not at the top: the many tests that do not use it need not load OpenCV."""
+    import tools_fixtures  # the module the tool tests import (tests/ is on sys.path), so one cache serves all
+
+    return tools_fixtures.identities(tools_fixtures.COUNTS)

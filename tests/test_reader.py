@@ -21,29 +21,11 @@ from packer.reader import (
 )
 from packer.recordio import MAGIC, IRHeader
 
-COUNTS = (3, 5, 2, 4)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return tf.identities(COUNTS)
-
-
-def _build(kind: str, out, ids):
-    if kind == "face2rec2-pair":
-        return tf.write_face2rec2(out, ids, "pair")
-    if kind == "face2rec2-scalar":
-        return tf.write_face2rec2(out, ids, "scalar")
-    if kind == "released":
-        return tf.write_released(out, ids)
-    if kind == "flat":
-        return tf.write_flat(out, ids)
-    return tf.write_flat(out, ids, shuffle_seed=7)
-
+COUNTS = tf.COUNTS
 
 EXPECT = {
-    "face2rec2-pair": ("insightface", "pair"),
-    "face2rec2-scalar": ("insightface", "scalar"),
+    "pair": ("insightface", "pair"),
+    "scalar": ("insightface", "scalar"),
     "released": ("insightface", "scalar"),
     "flat": ("flat", "scalar"),
     "flat-shuffled": ("flat", "scalar"),
@@ -52,7 +34,7 @@ EXPECT = {
 
 @pytest.mark.parametrize("kind", list(EXPECT))
 def test_reader_reads_every_layout(tmp_path, ids, kind):
-    images = _build(kind, tmp_path / "ds", ids)
+    images = tf.write_kind(kind.removesuffix("-shuffled"), tmp_path / "ds", ids, 7 if "-shuffled" in kind else None)
     layout, style = EXPECT[kind]
     with DatasetReader(tmp_path / "ds") as r:
         assert r.layout == layout

@@ -16,29 +16,17 @@ from packer.binfile import read_bin
 from packer.cli import run
 from packer.recordio import IRHeader
 
-COUNTS = (3, 5, 2, 4)
-N, K = sum(COUNTS), len(COUNTS)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return tf.identities(COUNTS)
+N, K = tf.N, tf.K
 
 
 def _write(kind, out, ids):
-    if kind == "pair":
-        return tf.write_face2rec2(out, ids, "pair")
-    if kind == "scalar":
-        return tf.write_face2rec2(out, ids, "scalar")
-    if kind == "released":
-        return tf.write_released(out, ids)
-    return tf.write_flat(out, ids, shuffle_seed=3)
+    return tf.write_kind(kind, out, ids, shuffle_seed=3)
 
 
 # ------------------------------------------------------------------------------------------------------ unpack
 
 
-@pytest.mark.parametrize("kind", ["pair", "scalar", "released", "flat"])
+@pytest.mark.parametrize("kind", tf.KINDS)
 def test_unpack_writes_stored_bytes(tmp_path, ids, kind, capsys):
     images = _write(kind, tmp_path / "ds", ids)
     out = tmp_path / "imgs"

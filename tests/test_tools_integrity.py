@@ -22,13 +22,7 @@ from packer.reader import DatasetReader
 from packer.reindex import reindex
 from packer.verify import validate_index, verify_dataset
 
-COUNTS = (3, 5, 2, 4)
-N, K = sum(COUNTS), len(COUNTS)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return tf.identities(COUNTS)
+N, K = tf.N, tf.K
 
 
 def _write_idx(d, entries) -> None:
@@ -71,7 +65,7 @@ def test_tools_refuse_what_verify_rejects(tmp_path, ids, case, capsys):
     assert verify_dataset(ds).ok
     assert run(["to-flat", str(ds), "--out", str(tmp_path / "flat"), "-q"]) == 0
     with DatasetReader(tmp_path / "flat") as r:
-        assert sorted(np.bincount(r.labels()).tolist()) == sorted(COUNTS)
+        assert sorted(np.bincount(r.labels()).tolist()) == sorted(tf.COUNTS)
 
 
 def test_swapped_offsets_would_have_changed_a_face_s_class(tmp_path, ids):

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import tools_fixtures as tf
 
 from packer.cli import run
 from packer.lst import read_lst
 from packer.reader import DatasetReader
 from packer.verify import verify_dataset
-
-COUNTS = (3, 5, 2, 4)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return tf.identities(COUNTS)
 
 
 def _classes(ds) -> list[list[bytes]]:

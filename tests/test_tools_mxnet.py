@@ -13,8 +13,7 @@ from packer.reader import DatasetReader
 pytestmark = pytest.mark.mxnet
 
 
-def test_mxnet_reads_merged_flat_and_repaired_datasets(mxnet_python, tmp_path):
-    ids = tf.identities((3, 5, 2, 4))
+def test_mxnet_reads_merged_flat_and_repaired_datasets(mxnet_python, tmp_path, ids):
     tf.write_face2rec2(tmp_path / "a", ids[:2], "pair")
     tf.write_released(tmp_path / "b", ids[2:])
     q = ["-q"]

@@ -11,19 +11,12 @@ from packer.recordio import IRHeader
 from packer.reindex import reindex
 from packer.verify import verify_dataset
 
-COUNTS = (3, 5, 2, 4)
-N, K = sum(COUNTS), len(COUNTS)
+N, K = tf.N, tf.K
 
 
-@pytest.fixture(scope="module")
-def ids():
-    return tf.identities(COUNTS)
-
-
-@pytest.mark.parametrize("kind", ["face2rec2", "released", "flat"])
+@pytest.mark.parametrize("kind", tf.KINDS)
 def test_rebuilt_index_is_byte_identical(tmp_path, ids, kind, capsys):
-    write = {"face2rec2": tf.write_face2rec2, "released": tf.write_released, "flat": tf.write_flat}[kind]
-    write(tmp_path, ids)
+    tf.write_kind(kind, tmp_path, ids)
     idx = tmp_path / "train.idx"
     original = idx.read_bytes()
     idx.unlink()

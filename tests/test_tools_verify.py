@@ -12,27 +12,16 @@ from packer.cli import run
 from packer.recordio import MAGIC, IRHeader
 from packer.verify import verify_dataset
 
-COUNTS = (3, 5, 2, 4)
-N, K = sum(COUNTS), len(COUNTS)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return tf.identities(COUNTS)
+N, K = tf.N, tf.K
 
 
 def _offsets(ds):
     return dict(tf.idx_entries(ds / "train.idx"))
 
 
-@pytest.mark.parametrize("kind", ["pair", "scalar", "released", "flat"])
+@pytest.mark.parametrize("kind", tf.KINDS)
 def test_clean_datasets_pass(tmp_path, ids, kind, capsys):
-    if kind == "released":
-        tf.write_released(tmp_path, ids)
-    elif kind == "flat":
-        tf.write_flat(tmp_path, ids, shuffle_seed=1)
-    else:
-        tf.write_face2rec2(tmp_path, ids, kind)
+    tf.write_kind(kind, tmp_path, ids, shuffle_seed=1)
     assert run(["verify", str(tmp_path), "-q"]) == 0
     out = capsys.readouterr().out
     assert ": OK" in out and "14 images, 4 identities" in out and "112x112 (14)" in out

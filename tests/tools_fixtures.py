@@ -25,6 +25,9 @@ from packer.recordio import IRHeader, MXIndexedRecordIO, pack
 
 # identity name -> photo it is cut from
 IDENTITIES = ("tom_hanks", "astronaut", "camera", "t1")
+# images per identity of the dataset the tool tests share (the ``ids`` fixture of conftest.py): 14 images, 4 identities
+COUNTS = (3, 5, 2, 4)
+N, K = sum(COUNTS), len(COUNTS)
 _CACHE: dict[tuple[int, ...], list[tuple[str, list[bytes]]]] = {}
 
 
@@ -61,7 +64,7 @@ def png(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def identities(counts: tuple[int, ...] = (3, 5, 2, 4)) -> list[tuple[str, list[bytes]]]:
+def identities(counts: tuple[int, ...] = COUNTS) -> list[tuple[str, list[bytes]]]:
     """``[(name, [jpeg bytes, ...]), ...]``: one real photo per identity, ``counts[i]`` crops of it."""
     if counts not in _CACHE:
         result = []
@@ -164,6 +167,23 @@ def write_flat(
     rec.close()
     _write_common(out, ids)
     return images
+
+
+KINDS = ("pair", "scalar", "released", "flat")
+
+
+def write_kind(
+    kind: str, out: Path, ids: list[tuple[str, list[bytes]]], shuffle_seed: int | None = None
+) -> dict[int, tuple[int, bytes]]:
+    """One of ``KINDS`` in ``out``: face2rec2 with pair or scalar labels, released, or flat (shuffled with
+    ``shuffle_seed`` when given); returns ``{key: (label, body)}`` of the images."""
+    if kind in ("pair", "scalar"):
+        return write_face2rec2(out, ids, kind)
+    if kind == "released":
+        return write_released(out, ids)
+    if kind == "flat":
+        return write_flat(out, ids, shuffle_seed)
+    raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
 
 
 def idx_entries(path: Path) -> list[tuple[int, int]]:
