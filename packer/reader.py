@@ -34,6 +34,7 @@ from packer.dataset_rules import (  # the layout and label rules; re-exported he
     style_of_flags,
 )
 from packer.errors import UserError
+from packer.imageinfo import image_format as sniff_format
 from packer.recordio import (
     MAGIC_BYTES,
     IRHeader,
@@ -227,21 +228,13 @@ def read_property(path: str | os.PathLike) -> Property | None:
 # --------------------------------------------------------------------------------------------------- images
 
 _EXT = {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "gif": ".gif", "webp": ".webp"}
+_SHORT = {"JPEG": "jpeg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "WEBP": "webp"}  # imageinfo's names
 
 
 def image_format(body: bytes) -> str | None:
-    """``"jpeg" | "png" | "bmp" | "gif" | "webp"`` from the body's magic bytes, None if it is none of these."""
-    if body[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if body[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if body[:2] == b"BM":
-        return "bmp"
-    if body[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
-        return "webp"
-    return None
+    """``"jpeg" | "png" | "bmp" | "gif" | "webp"`` from the body's magic bytes (:func:`packer.imageinfo.image_format`,
+    the one sniffer), None if it is none of these."""
+    return _SHORT.get(sniff_format(body) or "")
 
 
 def image_ext(body: bytes) -> str:
