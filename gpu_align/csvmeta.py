@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from packer.errors import UserError
+from gpu_align.errors import UserError
 from packer.lst import landmark_problem
 
 __all__ = ["CsvMatch", "CsvTable", "apply_csvs", "note_photos_without_row", "read_csv", "write_vggface2_csvs"]

@@ -34,7 +34,7 @@ import numpy as np
 import simplejpeg
 
 from gpu_align.demo import photos
-from packer.errors import UserError
+from gpu_align.errors import UserError
 
 # Face boxes (x1, y1, x2, y2) in the shipped photos and the roll of the eye line in degrees (positive: the right
 # eye lower), found once with MTCNN (gpu_align.detect.mtcnn, default settings).
