@@ -16,13 +16,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-from packer import recordio
 from packer.cli import run
 from packer.layout import STATE_NAME
+from tests.cli_helpers import REPO, one_error_line, records, run_module, start
 from tests.pack_gate import Gate
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # ------------------------------------------------------------------------------------------------ fixtures
 
@@ -57,28 +54,14 @@ def faces(tmp_path_factory, load_photo) -> Path:
     return base
 
 
-def _read(d: Path):
-    r = recordio.MXIndexedRecordIO(str(d / "train.idx"), str(d / "train.rec"), "r")
-    recs = {k: recordio.unpack(r.read_idx(k)) for k in r.keys}
-    keys = list(r.keys)
-    r.close()
-    return keys, recs
-
-
 def _files(d: Path) -> dict[str, bytes]:
     """The dataset's files; report.html is a page for people (it names DIR and its own build time)."""
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "report.html"}
 
 
-def _pack_cmd(lst, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "packer", "pack", str(lst), "--out", str(out), "-q", *extra]
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("python -m packer: error: ") and "Traceback" not in stderr
-    return lines[0]
+def _pack(lst, out, *extra, **kw) -> subprocess.CompletedProcess[str]:
+    """``python -m packer pack LST --out OUT -q EXTRA...`` run to its end (``kw``: to ``run_module``)."""
+    return run_module("packer", "pack", lst, "--out", out, "-q", *extra, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ lst
@@ -111,8 +94,8 @@ def test_lst_relative_paths_are_relative_to_the_lst_and_pack_finds_them(faces, t
     assert lst.read_text().splitlines()[0] == "1\tfaces/id00/000.jpg\t0"
     monkeypatch.chdir(tmp_path)  # pack resolves them against the .lst's folder, not the working directory
     assert run(["pack", str(lst), "--out", "out", "-q"]) == 0
-    keys, recs = _read(tmp_path / "out")
-    assert len(keys) == 120 + 1 + 24 and recs[1][1] == (faces / "faces/id00/000.jpg").read_bytes()
+    recs = records(tmp_path / "out")
+    assert len(recs) == 120 + 1 + 24 and recs[1][1] == (faces / "faces/id00/000.jpg").read_bytes()
     assert (tmp_path / "out/train.lst").read_text().splitlines()[0] == f"1\t{faces}/faces/id00/000.jpg\t0"
 
 
@@ -147,8 +130,8 @@ def test_pack_default_insightface_scalar(faces, tmp_path, capsys):
     out = tmp_path / "rec"
     assert run(["pack", str(faces / "faces.lst"), "--out", str(out), "-q"]) == 0
     assert f"{out}: 120 images, 24 identities (insightface layout, scalar labels)" in capsys.readouterr().out
-    keys, recs = _read(out)
-    assert keys == [*range(1, 121), 0, *range(121, 145)]
+    recs = records(out)
+    assert list(recs) == [*range(1, 121), 0, *range(121, 145)]
     assert all(recs[k][0].flag == 0 and recs[k][0].label == (k - 1) // 5 for k in range(1, 121))
     assert list(recs[0][0].label) == [121, 145]
     assert [list(recs[k][0].label) for k in (121, 144)] == [[1, 6], [116, 121]]
@@ -188,11 +171,11 @@ def test_pack_skips_bad_files_and_reports_them(faces, tmp_path, capsys):
     assert run(["pack", str(lst), "--out", str(out), "--label-style", "pair", "--min-images", "2", "-q"]) == 0
     cap = capsys.readouterr()
     assert "1 lines have aligned=0" in cap.err and f"{tmp_path}/photo.jpg" in cap.err and "gpu-align run" in cap.err
-    keys, recs = _read(out)
+    recs = records(out)
     # label 10 -> class 0 (2 images); 11 -> nothing; 12 -> 1 image < min 2, dropped; 13 -> class 1
-    assert keys == [1, 2, 3, 4, 0, 5, 6]
+    assert list(recs) == [1, 2, 3, 4, 0, 5, 6]
     assert [list(recs[k][0].label) for k in (1, 2, 3, 4)] == [[0, 1], [0, 1], [1, 1], [1, 1]]
-    assert all(recs[k][0].flag == 2 for k in keys)
+    assert all(h.flag == 2 for h, _ in recs.values())
     report = json.loads((out / "report.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert reasons["gone.jpg"] == "missing file"
@@ -242,8 +225,8 @@ def test_flat_shuffle_cli_is_deterministic(faces, tmp_path):
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
         assert run(["pack", lst, "--out", str(tmp_path / name), "--layout", "flat", "--shuffle", seed, "-q"]) == 0
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
-    ka, ra = _read(tmp_path / "a")
-    kc, rc = _read(tmp_path / "c")
+    ra, rc = records(tmp_path / "a"), records(tmp_path / "c")
+    ka, kc = list(ra), list(rc)
     assert ka == kc == list(range(120))
     assert [ra[k][1] for k in ka] != [rc[k][1] for k in kc]
     assert sorted((ra[k][1], ra[k][0].label) for k in ka) == sorted((rc[k][1], rc[k][0].label) for k in kc)
@@ -271,9 +254,18 @@ def _state(out: Path) -> dict | None:
         return None
 
 
-def _kill_at(cmd, gate: Gate) -> tuple[dict, subprocess.Popen]:
-    """Start ``cmd``, SIGKILL it once it is held at ``gate``. Returns (its committed state there, the process)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **gate.env()), stderr=subprocess.PIPE)
+@pytest.fixture(scope="module")
+def packed(faces, tmp_path_factory) -> Path:
+    """faces.lst packed once with the default options, never interrupted: what an interrupted pack must resume to."""
+    ref = tmp_path_factory.mktemp("packed") / "ref"
+    assert run(["pack", str(faces / "faces.lst"), "--out", str(ref), "-q"]) == 0
+    return ref
+
+
+def _kill_at(args, gate: Gate) -> tuple[dict, subprocess.Popen]:
+    """Start ``python -m packer ARGS``, SIGKILL it once it is held at ``gate``. Returns (its committed state there,
+    the process)."""
+    proc = start("packer", *args, env=gate.env())
     held = gate.wait(proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -296,29 +288,27 @@ def test_sigkill_at_any_phase_then_resume_is_byte_identical(faces, tmp_path, opt
         {"at": "replace", "name": "train.rec"},  # the rename phase part-way: train.rec in place, the rest not
     ]
     held = []
+    pack = ["pack", lst, "--out", out, "-q", *opts]
     for i, spec in enumerate(kills):
-        state, _ = _kill_at(_pack_cmd(lst, out, *opts, *(["--resume"] if i else [])), Gate.at(tmp_path, **spec))
+        state, _ = _kill_at([*pack, *(["--resume"] if i else [])], Gate.at(tmp_path, **spec))
         assert _state(out) == state  # killed where it was held: nothing was committed after
         held.append(state)
     assert [s["phase"] for s in held] == ["stream", "stream", "finalize", "rename", "rename"]
     assert 30 <= held[0]["done"] < 85 <= held[1]["done"] < 120 == held[2]["done"]
     assert (out / "train.rec").is_file() and not (out / "report.json").exists()  # the last kill: renamed part-way
     # without --resume the unfinished pack is protected
-    res = subprocess.run(_pack_cmd(lst, out, *opts), cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "holds an unfinished pack" in _one_error_line(res.stderr)
-    res = subprocess.run(_pack_cmd(lst, out, *opts, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=60)
+    res = _pack(lst, out, *opts)
+    assert res.returncode == 2 and "holds an unfinished pack" in one_error_line(res.stderr)
+    res = _pack(lst, out, *opts, "--resume")
     assert res.returncode == 0, res.stderr
     assert _files(out) == _files(ref)
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_partial_pack_and_says_how_to_resume(faces, tmp_path):
-    lst = faces / "faces.lst"
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert run(["pack", str(lst), "--out", str(ref), "-q"]) == 0
+def test_ctrl_c_keeps_the_partial_pack_and_says_how_to_resume(faces, packed, tmp_path):
+    lst, out = faces / "faces.lst", tmp_path / "out"
     gate = Gate.at(tmp_path, "commit", done=20)
-    env = dict(os.environ, **gate.env())
-    proc = subprocess.Popen(_pack_cmd(lst, out), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    proc = start("packer", "pack", lst, "--out", out, "-q", env=gate.env(), text=True)
     held = gate.wait(proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -326,28 +316,26 @@ def test_ctrl_c_keeps_the_partial_pack_and_says_how_to_resume(faces, tmp_path):
     assert "rerun the same command with --resume" in err
     assert 20 <= held["done"] == _state(out)["done"] < 120  # finished identities were committed on the way out
     assert run(["pack", str(lst), "--out", str(out), "--resume", "-q"]) == 0
-    assert _files(out) == _files(ref)
+    assert _files(out) == _files(packed)
 
 
 @pytest.mark.slow
-def test_file_size_limit_error_is_one_line_and_resumable(faces, tmp_path):
+def test_file_size_limit_error_is_one_line_and_resumable(faces, packed, tmp_path):
     """A write error mid-pack (EFBIG from RLIMIT_FSIZE, the same path as ENOSPC): one line, then --resume."""
-    lst = faces / "faces.lst"
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert run(["pack", str(lst), "--out", str(ref), "-q"]) == 0
-    rec_size = (ref / "train.rec").stat().st_size
+    lst, out = faces / "faces.lst", tmp_path / "out"
+    rec_size = (packed / "train.rec").stat().st_size
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (rec_size // 2, rec_size // 2))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    res = subprocess.run(_pack_cmd(lst, out), cwd=REPO, capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    res = _pack(lst, out, preexec_fn=limit)
     assert res.returncode == 2
-    line = _one_error_line(res.stderr)
+    line = one_error_line(res.stderr)
     assert "File too large" in line and "rerun the same command with --resume" in line
     assert _state(out)["phase"] == "stream"  # the partial pack is kept (what was committed, if anything)
     assert run(["pack", str(lst), "--out", str(out), "--resume", "-q"]) == 0
-    assert _files(out) == _files(ref)
+    assert _files(out) == _files(packed)
 
 
 @contextlib.contextmanager
@@ -363,20 +351,18 @@ def _tmpfs(path: Path, size: str, ro: bool = False):
 
 
 @pytest.mark.slow
-def test_disk_full_is_one_line_and_resumable(faces, tmp_path):
+def test_disk_full_is_one_line_and_resumable(faces, packed, tmp_path):
     lst = faces / "faces.lst"
-    ref = tmp_path / "ref"
-    assert run(["pack", str(lst), "--out", str(ref), "-q"]) == 0
     with _tmpfs(tmp_path / "small", "256k") as out:
-        res = subprocess.run(_pack_cmd(lst, out), cwd=REPO, capture_output=True, text=True, timeout=60)
+        res = _pack(lst, out)
         assert res.returncode == 2
-        line = _one_error_line(res.stderr)
+        line = one_error_line(res.stderr)
         assert "No space left on device" in line and "--resume" in line
         assert _state(out) is not None
         subprocess.run(["mount", "-o", "remount,size=8m", str(out)], check=True)
-        res = subprocess.run(_pack_cmd(lst, out, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=60)
+        res = _pack(lst, out, "--resume")
         assert res.returncode == 0, res.stderr
-        assert _files(out) == _files(ref)
+        assert _files(out) == _files(packed)
 
 
 @pytest.mark.slow
@@ -384,11 +370,11 @@ def test_failed_start_leaves_nothing_behind(faces, tmp_path):
     """Out of inodes before the first commit: one line, no stray files, and the same command then just works."""
     lst = faces / "faces.lst"
     with _tmpfs(tmp_path / "few", "1m,nr_inodes=6") as out:  # the folder + 5 partials; the state file fails
-        res = subprocess.run(_pack_cmd(lst, out), cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert res.returncode == 2 and "No space left on device" in _one_error_line(res.stderr)
+        res = _pack(lst, out)
+        assert res.returncode == 2 and "No space left on device" in one_error_line(res.stderr)
         assert os.listdir(out) == []
         subprocess.run(["mount", "-o", "remount,nr_inodes=100", str(out)], check=True)
-        res = subprocess.run(_pack_cmd(lst, out), cwd=REPO, capture_output=True, text=True, timeout=60)
+        res = _pack(lst, out)
         assert res.returncode == 0, res.stderr
 
 
@@ -407,7 +393,7 @@ def test_read_only_output_is_one_line(faces, tmp_path):
         (tmp_path / "ro").mkdir(mode=0o555)
         ctx = contextlib.nullcontext(tmp_path / "ro")
     with ctx as out:
-        res = subprocess.run(_pack_cmd(faces / "faces.lst", out), cwd=REPO, capture_output=True, text=True)
+        res = _pack(faces / "faces.lst", out)
         assert res.returncode == 2
-        line = _one_error_line(res.stderr)
+        line = one_error_line(res.stderr)
         assert "cannot write to" in line and ("Read-only file system" in line or "Permission denied" in line)

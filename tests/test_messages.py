@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,8 @@ from gpu_align.cli import run as gpu_align
 from gpu_align.demo.data import build_demo_dataset
 from gpu_align.pipeline import RunOptions
 from gpu_align.pipeline.stages import _progress
+from tests.cli_helpers import one_error_line, run_module
 from tests.tools_fixtures import identities
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _crops_lst(tmp: Path, labels: tuple[int, ...]) -> Path:
@@ -38,10 +35,7 @@ def photo_run(tmp_path_factory) -> tuple[Path, str]:
     """``gpu-align run`` of 2 identities (~4 photos): (its DIR, its stdout)."""
     d = tmp_path_factory.mktemp("msg")
     build_demo_dataset(d / "photos", identities=2, images_per_identity=2)
-    res = subprocess.run(
-        [sys.executable, "-m", "gpu_align", "run", str(d / "photos"), "--out", str(d / "ds"), "--device", "cpu", "-q"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    res = run_module("gpu_align", "run", d / "photos", "--out", d / "ds", "--device", "cpu", "-q", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return d / "ds", res.stdout
 
@@ -68,15 +62,10 @@ def test_gpu_align_pack_of_photos_says_pack(photo_run, tmp_path, capsys):
 
 def test_packer_pack_refuses_a_photo_lst(photo_run, tmp_path):
     out, _ = photo_run
-    res = subprocess.run(
-        [sys.executable, "-m", "packer", "pack", str(out / "train.lst"), "--out", str(tmp_path / "o"), "-q"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )
+    res = run_module("packer", "pack", out / "train.lst", "--out", tmp_path / "o", "-q")
     assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("python -m packer: error: ") and "aligned=0" in lines[0]
-    assert "`gpu-align pack " in lines[0] and "gpu-align run" in lines[0]
+    line = one_error_line(res.stderr)  # python -m packer's own one line, no traceback
+    assert "aligned=0" in line and "`gpu-align pack " in line and "gpu-align run" in line
     assert not (tmp_path / "o").exists()
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -20,13 +18,11 @@ import pytest
 from gpu_align.cli import run as gpu_align_cli
 from gpu_align.demo import photos
 from gpu_align.pipeline import RunOptions, run
-from packer import recordio
 from packer.cli import run as cli_run
 from tests.badfiles import huge_gradient_jpeg, make_bad_files
+from tests.cli_helpers import records, same_outputs, start
 from tests.pack_gate import Gate
 from tests.photo_files import scaled, write_jpeg
-
-OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +66,11 @@ def reference(dataset, tmp_path_factory):
     return out, result
 
 
-def _records(out: Path) -> dict[int, tuple[recordio.IRHeader, bytes]]:
-    with recordio.MXIndexedRecordIO(str(out / "train.idx"), str(out / "train.rec"), "r") as r:
-        return {k: recordio.unpack(r.read_idx(k)) for k in r.keys}
-
-
-def _same_outputs(a: Path, b: Path) -> None:
-    for name in OUTPUTS:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
 @pytest.mark.slow
 def test_end_to_end_outputs(reference, dataset):
     out, result = reference
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    recs = _records(out)
+    recs = records(out)
     header = recs[0][0]
     n_img = int(header.label[0]) - 1
     identities = range(int(header.label[0]), int(header.label[1]))
@@ -131,7 +117,7 @@ def test_stored_crop_is_the_aligned_face(reference):
     from gpu_align.align.warp import ARCFACE_112
 
     out, _ = reference
-    recs = _records(out)
+    recs = records(out)
     lines = (out / "train.lst").read_text(encoding="utf-8").splitlines()
     checked = 0
     for key, line in enumerate(lines, start=1):
@@ -166,7 +152,7 @@ def test_lst_round_trip_rebuilds_identical_dataset(reference, tmp_path):
     out, _ = reference
     again = tmp_path / "again"
     assert gpu_align_cli(["pack", str(out / "train.lst"), "--out", str(again), "-q"]) == 0
-    _same_outputs(out, again)  # identical records (JPEG bytes), index, train.lst and property
+    same_outputs(out, again)  # identical records (JPEG bytes), index, train.lst and property
     report = json.loads((again / "report.json").read_text(encoding="utf-8"))
     assert report["extra"]["run"]["this_invocation"]["found"] == report["counts"]["images"]
 
@@ -181,18 +167,6 @@ def test_pack_refuses_a_lst_mixing_crops_and_photos(reference, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.Popen(
-        [sys.executable, "-m", "gpu_align", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=e,
-        start_new_session=True,  # its own process group: signals reach the packer process too, as from a terminal
-        **kw,
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_interrupted_run_resumes_to_identical_output(dataset, reference, tmp_path, sig):
@@ -201,7 +175,7 @@ def test_interrupted_run_resumes_to_identical_output(dataset, reference, tmp_pat
     out = tmp_path / "out"
     args = ["run", str(dataset), "--out", str(out), "--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
     gate = Gate.at(tmp_path, "commit", done=4, phase="stream")  # the packer holds there until it is stopped
-    proc = _cli(*args, env=gate.env())
+    proc = start("gpu_align", *args, env=gate.env())
     held = gate.wait(proc)
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
@@ -213,10 +187,10 @@ def test_interrupted_run_resumes_to_identical_output(dataset, reference, tmp_pat
     assert not (out / "report.json").exists()
     done = json.loads((out / "pack.state.json").read_text())["done"]
     assert 4 <= done == held["done"] < ref.inputs  # what was committed where the run was stopped
-    proc = _cli(*args, "--resume")
+    proc = start("gpu_align", *args, "--resume")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    _same_outputs(ref_out, out)
+    same_outputs(ref_out, out)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["extra"]["run"]["this_invocation"]["resumed_at"] == done
 
@@ -235,15 +209,15 @@ def test_write_error_is_one_line_and_resumable(reference, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
 
-    proc = _cli(*args, preexec_fn=limit_file_size)
+    proc = start("gpu_align", *args, preexec_fn=limit_file_size)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and "File too large" in lines[0] and "--resume" in lines[0], lines
-    proc = _cli(*args, "--resume")
+    proc = start("gpu_align", *args, "--resume")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    _same_outputs(ref_out, out)
+    same_outputs(ref_out, out)
 
 
 @pytest.mark.slow
@@ -255,7 +229,7 @@ def test_flat_layout_with_dali_decoder_reads_back_in_dali(reference, tmp_path):
     out = tmp_path / "flat"
     run(_opts(ref_out / "train.lst", out, decoder="dali", layout="flat", shuffle=5))
     ref_label = {}  # source photo -> (label, decoded crop) in the reference dataset
-    ref_recs = _records(ref_out)
+    ref_recs = records(ref_out)
     for key, line in enumerate((ref_out / "train.lst").read_text(encoding="utf-8").splitlines(), start=1):
         h, body = ref_recs[key]
         ref_label[line.split("\t")[1]] = (int(h.label), cv2.imdecode(np.frombuffer(body, np.uint8), 1))
@@ -302,7 +276,7 @@ def test_limit_and_save_crops(reference, tmp_path):
     out, crops = tmp_path / "out", tmp_path / "crops"
     res = run(_opts(ref_out / "train.lst", out, limit=5, save_crops=str(crops)))
     assert res.inputs == 5 and res.found == 5
-    recs = _records(out)
+    recs = records(out)
     saved = sorted(crops.rglob("*.jpg"))
     assert len(saved) == 5
     bodies = {recs[k][1] for k in range(1, 6)}

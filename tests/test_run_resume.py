@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -23,11 +22,10 @@ from gpu_align.demo import photos
 from gpu_align.pipeline import INPUTS_NAME, RunOptions, run
 from gpu_align.pipeline.align_stage import crop_names
 from gpu_align.scan import InputItem, scan_source
-from packer import recordio
+from tests.cli_helpers import records, same_outputs, start
 from tests.pack_gate import Gate
 from tests.photo_files import scaled, write_jpeg
 
-OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
 EYES_NOSE_MOUTH = (10, 20, 15, 11, 19, 10, 10, 15, 20, 20)  # x1..x5, y1..y5 of a plausible face
 FAST = ["--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
 
@@ -48,27 +46,12 @@ def reference(tmp_path_factory) -> tuple[Path, Path, int]:
     return root, out, res.inputs
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gpu_align", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-        start_new_session=True,  # its own process group, as a terminal's job
-    )
-
-
 def _held_run(lst: Path, out: Path, tmp: Path, **until: str) -> tuple[subprocess.Popen, dict]:
     """Start a run of ``lst`` whose packer holds after its first commit until it is stopped (tests/pack_gate.py;
     ``until="killed"``: until it is killed); return once it is held there, with the state it committed."""
     gate = Gate.at(tmp, "commit", done=1, phase="stream", **until)
-    proc = _cli("run", str(lst), "--out", str(out), *FAST, env=gate.env())
+    proc = start("gpu_align", "run", str(lst), "--out", str(out), *FAST, env=gate.env())
     return proc, gate.wait(proc)
-
-
-def _same_outputs(a: Path, b: Path) -> None:
-    for name in OUTPUTS:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def _interrupted(lst: Path, out: Path, sig: int, to_group: bool) -> tuple[int, str]:
@@ -80,7 +63,7 @@ def _interrupted(lst: Path, out: Path, sig: int, to_group: bool) -> tuple[int, s
 
 
 def _resume(lst: Path, out: Path) -> tuple[int, str]:
-    proc = _cli("run", str(lst), "--out", str(out), *FAST, "--resume")
+    proc = start("gpu_align", "run", str(lst), "--out", str(out), *FAST, "--resume")
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err.decode()
 
@@ -119,7 +102,7 @@ def test_sigterm_stops_cleanly_and_a_changed_photo_is_named(reference, tmp_path,
     assert _done(out) == done  # the refusals touched nothing
     code, err = _resume(ref_out / "train.lst", out)
     assert code == 0, err
-    _same_outputs(ref_out, out)
+    same_outputs(ref_out, out)
     assert not (out / INPUTS_NAME).exists() and not (out / "pack.state.json").exists()
 
 
@@ -146,7 +129,7 @@ def test_sighup_to_the_group_stops_cleanly_and_changed_landmarks_are_named(refer
     lst.write_text(original, encoding="utf-8")
     code, err = _resume(lst, out)
     assert code == 0, err
-    _same_outputs(ref_out, out)
+    same_outputs(ref_out, out)
 
 
 def _packer_pid(main_pid: int) -> int:
@@ -176,7 +159,7 @@ def test_killed_packer_is_reported_with_how_to_continue(reference, tmp_path):
     assert 0 < _done(out) < n
     code, err2 = _resume(lst, out)
     assert code == 0, err2
-    _same_outputs(ref_out, out)
+    same_outputs(ref_out, out)
 
 
 def test_unusable_out_is_refused_before_models_load(tmp_path, capsys):
@@ -246,11 +229,11 @@ def test_save_crop_names_never_collide(tmp_path):
     saved = sorted(str(p.relative_to(crops)) for p in crops.rglob("*") if p.is_file())
     assert saved == ["x/a.JPG.jpg", "x/a.jpeg.jpg", "x/a.jpg.jpg", "x/b.png.jpg", "y/a.jpg"]
     lines = (out / "train.lst").read_text(encoding="utf-8").splitlines()
-    with recordio.MXIndexedRecordIO(str(out / "train.idx"), str(out / "train.rec"), "r") as r:
-        for key, line in enumerate(lines, start=1):
-            src = Path(line.split("\t")[1])
-            name = src.name if src.parent.name == "y" else src.name + ".jpg"
-            assert (crops / src.parent.name / name).read_bytes() == recordio.unpack(r.read_idx(key))[1], src
+    recs = records(out)
+    for key, line in enumerate(lines, start=1):
+        src = Path(line.split("\t")[1])
+        name = src.name if src.parent.name == "y" else src.name + ".jpg"
+        assert (crops / src.parent.name / name).read_bytes() == recs[key][1], src
 
 
 def test_crop_names_rule():
