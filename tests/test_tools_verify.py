@@ -184,3 +184,18 @@ def test_not_recordio_is_a_user_error(tmp_path, capsys):
     assert run(["verify", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gpu-align: error: ") and "is not a RecordIO file" in err and "Traceback" not in err
+
+
+def test_header_id_beyond_int64_is_checked_not_a_crash(tmp_path, ids):
+    """A damaged header ``id`` of 2**64 - 1 (an unsigned field; mxnet's keys are signed 64-bit) once stopped verify
+    with an OverflowError: the check goes on, and a problem in a later record is still found."""
+    recs = tf.face2rec2_records(ids, "scalar")
+    recs = [
+        (k, IRHeader(h.flag, h.label, 2**64 - 1, h.id2), b) if k == 5 else
+        (k, IRHeader(0, 3.0, k, 0), b) if k == 6 else (k, h, b)
+        for k, h, b in recs
+    ]
+    tf.write_records(tmp_path, recs, K)
+    rep = verify_dataset(tmp_path)
+    assert rep.counts.get("label-mismatch") == 1, rep.counts
+    assert any(p.key == 6 for p in rep.problems)
