@@ -11,7 +11,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
+import signal
 import tarfile
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from gpu_align.pipeline import RunOptions, run
 from gpu_align.scan import decode_items, scan_source
 from packer.archive import expand_braces, index_archive, split_member_path
 from packer.errors import UserError
+from tests.cli_helpers import start
+from tests.pack_gate import Gate
 
 FAST = dict(device="cpu", decoder="cpu", batch_size=4, quiet=True)
 BYTES = ("train.rec", "train.idx", "property")
@@ -266,3 +270,26 @@ def test_lst_of_an_archive_lists_the_folders_photos_as_members(ref, tmp_path):
     assert all(p.startswith("../vggface2_train.tar.gz::") for p in rel), rel[:2]
     items = scan_source(str(sub / "rel.lst")).items
     assert [it.member.path for it in items] == [g[1] for g in got]
+
+
+@pytest.mark.slow
+def test_sigkilled_archive_run_resumes_to_the_same_bytes(ref, tmp_path):
+    """kill -9 of the whole run (main process and packer) of a ``.tar.gz`` while its packer is held after its
+    first commit (tests/pack_gate.py: no sleep races the signal): ``--resume`` re-reads the archive and finishes
+    with the records of the uninterrupted folder run."""
+    root, ref_out = ref
+    archive = tmp_path / "vggface2_train.tar.gz"
+    write_vggface2_archive(root, archive, seed=2)
+    out = tmp_path / "out"
+    fast = ["--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
+    gate = Gate.at(tmp_path, "commit", done=1, phase="stream", until="killed")
+    proc = start("gpu_align", "run", str(archive), "--out", str(out), *fast, env=gate.env())
+    state = gate.wait(proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert state["done"] >= 1 and (out / "pack.state.json").is_file()
+    proc = start("gpu_align", "run", str(archive), "--out", str(out), *fast, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    _same_as_folder(out, ref_out, str(archive))
