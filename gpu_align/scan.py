@@ -13,7 +13,8 @@ is read as one stream: an archive whose order is too far from the dataset's need
 ``GPU_ALIGN_ARCHIVE_BUFFER_MB`` (default 1024) and is refused before the run, with what to do instead.
 
 ``--shard i/n`` splits the identities (never one identity across shards) into n contiguous blocks of about equal
-image counts, so merging the shards in order (``gpu-align merge``) gives the same labels as one unsharded run.
+image counts (:func:`shard_blocks`, which a Ray run cuts its one scan with too), so merging the shards in order
+(``gpu-align merge``) gives the same labels as one unsharded run.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from packer.imageinfo import DEFAULT_MAX_PIXELS, UNREADABLE, ImageError
 from packer.lst import read_lst
 from packer.scan import DEFAULT_EXTS, scan_folder
 
-__all__ = ["InputItem", "Source", "decode_items", "parse_shard", "scan_source"]
+__all__ = ["InputItem", "Source", "decode_items", "parse_shard", "scan_source", "shard_blocks"]
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,22 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def _shard_groups(groups: list[str], counts: list[int], shard: tuple[int, int]) -> set[str]:
-    """Identities of shard ``i`` of ``n``: contiguous blocks cut where the running image count crosses k·total/n."""
-    i, n = shard
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if counts else np.zeros(0)
-    block = (starts * n) // max(1, sum(counts))  # block of each identity, by where its first image falls
-    return {g for g, b in zip(groups, block.tolist(), strict=True) if b == i}
+def shard_blocks(items: Sequence[InputItem], n: int) -> list[list[InputItem]]:
+    """``items`` (grouped by identity) cut into ``n`` contiguous blocks of whole identities: the shards of
+    ``--shard i/n`` (block ``i`` is what ``scan_source(shard=(i, n))`` keeps) and of a Ray run.
+
+    An identity goes to block ``floor(start * n / total)``, ``start`` being the position of its first photo, so the
+    cuts fall where the running photo count crosses ``k * total / n`` and never inside an identity. A block is
+    empty when one identity holds more than ``1/n`` of the photos. The items keep their indices (callers renumber).
+    """
+    blocks: list[list[InputItem]] = [[] for _ in range(n)]
+    total = max(1, len(items))
+    block = 0
+    for k, it in enumerate(items):
+        if k == 0 or items[k - 1].group != it.group:  # an identity starts: its block, by where its first photo is
+            block = (k * n) // total
+        blocks[block].append(it)
+    return blocks
 
 
 def _from_folder(root: str, min_images: int) -> Source:
@@ -287,15 +298,7 @@ def scan_source(
             boxes=boxes_csv and os.fspath(boxes_csv),
         )
     if shard is not None:
-        groups: list[str] = []
-        counts: list[int] = []
-        for it in source.items:
-            if not groups or groups[-1] != it.group:
-                groups.append(it.group)
-                counts.append(0)
-            counts[-1] += 1
-        keep = _shard_groups(groups, counts, shard)
-        source.items = [it for it in source.items if it.group in keep]
+        source.items = shard_blocks(source.items, shard[1])[shard[0]]
     if limit is not None:
         if limit < 1:
             raise UserError(f"--limit must be at least 1, got {limit}")

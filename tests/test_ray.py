@@ -182,6 +182,32 @@ def test_stopped_job_resumes(ray_runtime, photos, reference, tmp_path):
     assert again.already_finished and again.images == res.images
 
 
+def test_archive_with_landmarks_csv(ray_runtime, tmp_path):
+    """A ``.tar.gz`` source with ``--landmarks-csv`` (written from a plain detection run of the same archive) under
+    Ray with 2 shards: the plain run's train.rec/.idx/property, byte for byte (warping with the CSV's landmarks
+    does not depend on batches, so the shards + merge equal the unsharded run); the CSV match is reported."""
+    from gpu_align.csvmeta import write_vggface2_csvs
+    from gpu_align.demo.vggface2 import write_vggface2_archive
+    from gpu_align.scale import run_ray
+
+    folder = tmp_path / "x" / "train"
+    build_demo_dataset(folder, identities=4, images_per_identity=2, seed=8)
+    archive = tmp_path / "vggface2_train.tar.gz"
+    write_vggface2_archive(folder, archive, seed=1)
+    plain = tmp_path / "plain"
+    assert run(_opts(archive, plain)).found >= 6
+    lm = tmp_path / "loose_landmark_train.csv"
+    write_vggface2_csvs(plain / "train.lst", tmp_path / "loose_bb_train.csv", lm)
+    out = tmp_path / "out"
+    res = run_ray(_opts(archive, out, landmarks_csv=str(lm)), _ray_opts(shards=2))
+    assert res.shards == 2 and res.inputs == 8
+    for name in ("train.rec", "train.idx", "property"):
+        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+    assert all("::" in row.split("\t")[1] for row in (out / "train.lst").read_text().splitlines())
+    (csv,) = _report(out)["extra"]["run"]["csv"]
+    assert csv["kind"] == "landmarks" and csv["matched"] == csv["rows"] == res.report["counts"]["images"], csv
+
+
 def test_cli_ray_flag_in_process(ray_runtime, photos, reference, tmp_path, capsys):
     """``gpu-align run SRC --out DIR --ray --shards 3`` joins the runtime this process holds: same bytes, a summary."""
     from gpu_align.cli import run as cli

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from gpu_align.scan import parse_shard, scan_source
+from gpu_align.scan import parse_shard, scan_source, shard_blocks
 from packer.errors import UserError
 from packer.lst import LstEntry
 from packer.scan import scan_folder
@@ -197,6 +197,9 @@ def test_source_shards_split_identities_into_contiguous_blocks(tmp_path, jpeg):
     by_shard = {n: [[g for _, g, _ in _groups(scan_source(tmp_path, shard=(i, n)))] for i in range(n)] for n in (2, 3)}
     assert by_shard[2] == [["a", "a", "a", "b"], ["c", "c", "d", "d"]]  # positions 0, 3 | 4, 6
     assert by_shard[3] == [["a", "a", "a"], ["b", "c", "c"], ["d", "d"]]  # 0 | 3, 4 | 6
+    for n in (2, 3):  # the one splitter, which a Ray run cuts its scan with: the same blocks, all of them at once
+        assert [[it.group for it in b] for b in shard_blocks(scan_source(tmp_path).items, n)] == by_shard[n]
+    assert [len(b) for b in shard_blocks(scan_source(tmp_path).items, 8)] == [3, 0, 0, 1, 2, 0, 2, 0]
     # every shard numbers its inputs from 0; in shard order they are the unsharded run's inputs
     joined = []
     for i in range(3):

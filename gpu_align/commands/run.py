@@ -8,7 +8,7 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from packer.cli import add_command
@@ -275,13 +275,18 @@ def _signals_stop_cleanly() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def resume_command() -> str:
+    """This command with --resume (and without --overwrite, which already happened): how to continue it."""
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    args += [] if "--resume" in args else ["--resume"]
+    return shlex.join(["gpu-align", *args])
+
+
 def _how_to_continue(out: Path, what: str) -> str:
-    """What to run next: with an unfinished pack in ``out``, this command with --resume (and without --overwrite,
-    which already happened); before the writer committed anything, this very command again."""
+    """What to run next: with an unfinished pack in ``out``, this command with --resume; before the writer
+    committed anything, this very command again."""
     if (out / "pack.state.json").exists():
-        args = [a for a in sys.argv[1:] if a != "--overwrite"]
-        args += [] if "--resume" in args else ["--resume"]
-        return f"{what} is kept. To continue, run:\n  " + shlex.join(["gpu-align", *args])
+        return f"{what} is kept. To continue, run:\n  " + resume_command()
     return "nothing was written yet. To start again, run:\n  " + shlex.join(["gpu-align", *sys.argv[1:]])
 
 
@@ -291,25 +296,41 @@ def _stopped_message(out: Path) -> str:
     return "gpu-align: stopped; " + _how_to_continue(out, "everything aligned so far")
 
 
-def _execute(opts, command: str = "run") -> int:
-    from gpu_align.pipeline import PackerDied, run
-    from gpu_align.pipeline.summary import print_summary
+def run_as_command(
+    work: Callable[[], object],
+    out: Path,
+    summary: Callable[[object], None],
+    stopped_message: Callable[[Path], str] = _stopped_message,
+) -> int:
+    """Run ``work()`` as a command: SIGTERM/SIGHUP stop it like Ctrl-C, errors name the flags, a stop prints
+    ``stopped_message(out)`` (how to continue); ``summary`` prints the result. Returns the exit code.
+    ``gpu-align run`` and ``pack`` (:func:`_execute`) and ``run --ray`` (:mod:`gpu_align.scale.cli`) run this way."""
+    from gpu_align.pipeline import PackerDied
 
     try:
         with _signals_stop_cleanly():
-            result = run(opts)
+            result = work()
     except PackerDied as e:
-        raise UserError(f"{e}; {_how_to_continue(Path(opts.out), 'everything it committed')}") from None
+        raise UserError(f"{e}; {_how_to_continue(out, 'everything it committed')}") from None
     except UserError as e:
         raise UserError(cli_message(str(e))) from None
     except KeyboardInterrupt as e:
         with contextlib.suppress(OSError):  # after a hang-up the terminal may be gone
-            print("\n" + _stopped_message(Path(opts.out)), file=sys.stderr)
+            print("\n" + stopped_message(out), file=sys.stderr)
         if isinstance(e, _Signalled):
             return 128 + e.signum  # what a shell reports for a process stopped by that signal
         raise
-    print_summary(result, file=sys.stdout, command=command)
+    summary(result)
     return 0
+
+
+def _execute(opts, command: str = "run") -> int:
+    from gpu_align.pipeline import run
+    from gpu_align.pipeline.summary import print_summary
+
+    return run_as_command(
+        lambda: run(opts), Path(opts.out), lambda result: print_summary(result, file=sys.stdout, command=command)
+    )
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -47,6 +47,8 @@ class RunOptions:
     threads: int | None = None
     fp16: bool = False
     queue_batches: int = 4
+    packer_threads: int | None = None  # JPEG encode threads of the packer process; None: half the cores, at most 8
+    report_html: bool = True  # write report.html beside report.json (a Ray run's shards leave it to the merged one)
     quiet: bool = False
 
 
@@ -124,6 +126,8 @@ def check_options(opts: RunOptions, device: torch.device) -> None:
         opts.batch_size = default_batch_size(device)
     if opts.batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {opts.batch_size}")  # the CLI shows its flags
+    if opts.packer_threads is not None and opts.packer_threads < 1:
+        raise UserError(f"packer_threads must be at least 1, got {opts.packer_threads}")
     if not 1 <= opts.quality <= 100:
         raise UserError(f"quality must be in 1..100, got {opts.quality}")
     check_out_folder(opts.out, "--out")

@@ -31,11 +31,24 @@ from packer.channel import PackerClient, WriterSettings
 from packer.layout import STATE_NAME
 from packer.report_html import write_report_html_or_warn
 
-__all__ = ["Progress", "run"]
+__all__ = ["Progress", "run", "scan_inputs"]
 
 # ``progress(done, total, counts)``: inputs handled so far (a resume's skipped ones included) of ``total``, and this
 # invocation's counts (found/center/missed/failed). Called once when the writer is open, then after every batch.
 Progress = Callable[[int, int, dict[str, int]], None]
+
+
+def scan_inputs(opts: RunOptions) -> Source:
+    """The inputs of a run with ``opts``, in packing order: ``--shard`` and ``--limit`` applied, the CSVs matched."""
+    return scan_source(
+        opts.src,
+        min_images=opts.min_images,
+        shard=opts.shard,
+        limit=opts.limit,
+        lst_root=opts.lst_root,
+        landmarks_csv=opts.landmarks_csv,
+        boxes_csv=opts.boxes_csv,
+    )
 
 
 def _start_packer(opts: RunOptions, source: Source, fingerprint: str) -> PackerClient:
@@ -52,7 +65,8 @@ def _start_packer(opts: RunOptions, source: Source, fingerprint: str) -> PackerC
         config=input_config(opts, source, fingerprint),
         companions=(INPUTS_NAME,),
     )
-    threads = min(8, max(1, (os.cpu_count() or 1) // 2))  # JPEG encode threads: half the cores, at most 8
+    # JPEG encode threads: the caller's (a Ray worker's share of its node), else half the cores, at most 8
+    threads = opts.packer_threads or min(8, max(1, (os.cpu_count() or 1) // 2))
     return PackerClient(
         writer, quality=opts.quality, save_crops=opts.save_crops, threads=threads, queue_batches=opts.queue_batches
     )
@@ -148,15 +162,7 @@ def run(opts: RunOptions, *, source: Source | None = None, progress: Progress | 
     times = StageTimes()
     # scan: the inputs, fixed (and checked against an interrupted run's) before anything is written
     if source is None:
-        source = scan_source(
-            opts.src,
-            min_images=opts.min_images,
-            shard=opts.shard,
-            limit=opts.limit,
-            lst_root=opts.lst_root,
-            landmarks_csv=opts.landmarks_csv,
-            boxes_csv=opts.boxes_csv,
-        )
+        source = scan_inputs(opts)
     if not opts.quiet:
         for m in source.csv:  # how --landmarks-csv / --boxes-csv met the photos (details in report.json)
             print(f"gpu-align: {m.summary()}", file=sys.stderr)
@@ -188,7 +194,8 @@ def run(opts: RunOptions, *, source: Source | None = None, progress: Progress | 
     finally:
         decoder.close()
     remove_inputs(out)
-    write_report_html_or_warn(out)
+    if opts.report_html:
+        write_report_html_or_warn(out)
     return RunResult(
         out_dir=Path(opts.out),
         inputs=len(items),

@@ -8,12 +8,7 @@ Ray. Ray itself is imported only once a Ray run starts; without it the command p
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shlex
-import sys
 from pathlib import Path
-
-from packer.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,17 +45,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _stopped_message(out: Path) -> str:
     """After Ctrl-C: what is kept, and the command that continues (this one with --resume)."""
-    args = [a for a in sys.argv[1:] if a != "--overwrite"]
-    args += [] if "--resume" in args else ["--resume"]
+    from gpu_align.commands.run import resume_command
+
     return (
         f"gpu-align: stopped; every shard keeps what it committed in {out / 'shards'}. To continue, run:\n  "
-        + shlex.join(["gpu-align", *args])
+        + resume_command()
+    )
+
+
+def _print_summary(result) -> None:
+    if result.already_finished:
+        print(f"{result.out_dir}: already complete ({result.images} images, {result.classes} identities)")
+        return
+    retries = f", {result.retries} retried" if result.retries else ""
+    print(
+        f"{result.out_dir}: {result.images} images, {result.classes} identities from {result.inputs} photos "
+        f"({result.skipped} skipped, listed in report.json)\n"
+        f"  ray            {result.shards} shards on {result.workers} workers{retries}; "
+        f"{result.processed} photos in {result.seconds:.1f} s ({result.images_per_second:.1f}/s), "
+        f"merge {result.merge_seconds:.1f} s"
     )
 
 
 def execute(args: argparse.Namespace, opts) -> int:
     """Run ``opts`` on Ray with the ``--ray`` flags of ``args``; prints the summary, returns the exit code."""
-    from gpu_align.commands.run import _Signalled, _signals_stop_cleanly, cli_message
+    from gpu_align.commands.run import run_as_command
     from gpu_align.scale.driver import import_ray
 
     import_ray()  # first: without Ray, one install line and nothing else happens
@@ -74,26 +83,4 @@ def execute(args: argparse.Namespace, opts) -> int:
         retries=args.retries,
         keep_shards=args.keep_shards,
     )
-    try:
-        with _signals_stop_cleanly():
-            result = run_ray(opts, ray_opts)
-    except UserError as e:
-        raise UserError(cli_message(str(e))) from None
-    except KeyboardInterrupt as e:
-        with contextlib.suppress(OSError):
-            print("\n" + _stopped_message(Path(opts.out)), file=sys.stderr)
-        if isinstance(e, _Signalled):
-            return 128 + e.signum
-        raise
-    if result.already_finished:
-        print(f"{result.out_dir}: already complete ({result.images} images, {result.classes} identities)")
-        return 0
-    retries = f", {result.retries} retried" if result.retries else ""
-    print(
-        f"{result.out_dir}: {result.images} images, {result.classes} identities from {result.inputs} photos "
-        f"({result.skipped} skipped, listed in report.json)\n"
-        f"  ray            {result.shards} shards on {result.workers} workers{retries}; "
-        f"{result.processed} photos in {result.seconds:.1f} s ({result.images_per_second:.1f}/s), "
-        f"merge {result.merge_seconds:.1f} s"
-    )
-    return 0
+    return run_as_command(lambda: run_ray(opts, ray_opts), Path(opts.out), _print_summary, _stopped_message)

@@ -32,21 +32,21 @@ from pathlib import Path
 from typing import Any
 
 from gpu_align.pipeline.options import RunOptions, check_options, check_out_folder
+from gpu_align.pipeline.stages import scan_inputs
 from gpu_align.scale.plan import (
     SHARDS_DIR,
     RayOptions,
     default_shards,
     read_plan,
-    replace_options,
     shard_dir,
     shard_sources,
     write_plan,
 )
 from gpu_align.scale.report import merged_report, read_report, write_report
 from gpu_align.scale.worker import ShardSpec, ShardWorker
-from gpu_align.scan import scan_source
 from packer.errors import UserError
 from packer.layout import STATE_NAME
+from packer.writer.report import read_finished_report
 
 __all__ = ["INSTALL_HINT", "RayRunResult", "ShardFailed", "import_ray", "run_ray"]
 
@@ -111,13 +111,8 @@ def _finished_ray_report(out: Path) -> dict[str, Any] | None:
     """The merged report of a Ray run that completed in ``out`` (None when it did not)."""
     if (out / STATE_NAME).exists():
         return None
-    try:
-        report = read_report(out)
-    except (OSError, ValueError):
-        return None
-    if "ray" not in (report.get("extra") or {}):
-        return None
-    return report if all((out / f).is_file() for f in report.get("files", [])) else None
+    report = read_finished_report(out)
+    return report if report is not None and "ray" in (report.get("extra") or {}) else None
 
 
 def _prepare_out(out: Path, opts: RunOptions) -> dict[str, Any] | None:
@@ -158,7 +153,10 @@ def _prepare_out(out: Path, opts: RunOptions) -> dict[str, Any] | None:
 def _plan_settings(opts: RunOptions) -> dict[str, Any]:
     """The settings a shard's bytes depend on; a ``--resume`` with others is refused up front (the shards' own
     writers would refuse them too, but one shard at a time)."""
-    skip = {"src", "out", "resume", "overwrite", "quiet", "threads", "queue_batches", "limit", "shard"}
+    skip = {
+        "src", "out", "resume", "overwrite", "quiet", "threads", "queue_batches", "packer_threads", "report_html",
+        "limit", "shard",
+    }
     return {k: v for k, v in dataclasses.asdict(opts).items() if k not in skip}
 
 
@@ -247,6 +245,18 @@ class _Scheduler:
             new.append(w)
         return new
 
+    def _for_worker(self, spec: ShardSpec, w: _Worker) -> ShardSpec:
+        """``spec`` with ``w``'s share of its node's cores: the packer's JPEG threads (half of it, at most 8, as a
+        plain run takes half the machine) and, on a GPU, its decode and torch threads. Eight workers on a node
+        each taking a plain run's share would run 8x too many threads. None of these change the bytes."""
+        node = w.info.get("node")
+        on_node = sum(x.alive and x.info.get("node") == node for x in self.workers)
+        share = max(1, int(w.info.get("cores") or 1) // max(1, on_node))
+        changes: dict[str, Any] = {"packer_threads": min(8, max(1, share // 2))}
+        if spec.gpu and spec.opts.threads is None:
+            changes["threads"] = share
+        return dataclasses.replace(spec, opts=dataclasses.replace(spec.opts, **changes), cpu_share=share)
+
     def _idle(self) -> list[_Worker]:
         busy = {id(a.worker) for a in self.inflight.values()}
         return [w for w in self.workers if w.alive and id(w) not in busy]
@@ -261,7 +271,7 @@ class _Scheduler:
                     break
                 spec = self.pending.popleft()
                 w.shards += 1
-                self.inflight[w.actor.run_shard.remote(spec)] = _Attempt(spec, w, time.time())
+                self.inflight[w.actor.run_shard.remote(self._for_worker(spec, w))] = _Attempt(spec, w, time.time())
             ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=_POLL_S)
             for ref in ready:
                 self._finished(ref)
@@ -445,21 +455,18 @@ def run_ray(
     out = Path(opts.out)
     finished = _prepare_out(out, opts)
     if finished is not None:
-        return _result_from_report(out, finished, t_start)
-    source = scan_source(
-        opts.src,
-        min_images=opts.min_images,
-        lst_root=opts.lst_root,
-        landmarks_csv=getattr(opts, "landmarks_csv", None),
-        boxes_csv=getattr(opts, "boxes_csv", None),
-    )
+        return _result(out, finished, t_start)
+    source = scan_inputs(opts)  # the whole input (_check refused --shard and --limit)
+    if not opts.quiet:
+        for m in source.csv:  # how --landmarks-csv / --boxes-csv met the photos, as a plain run says it
+            print(f"gpu-align: {m.summary()}", file=sys.stderr)
     started = _connect(ray, ray_opts.address)
     sched: _Scheduler | None = None
     try:
         import torch
 
         gpu, n_workers, actor_options = _resources(ray, opts, ray_opts, started and ray_opts.address in (None, "local"))
-        run_opts = replace_options(opts, device="cuda" if gpu else "cpu")
+        run_opts = dataclasses.replace(opts, device="cuda" if gpu else "cpu")
         check_options(run_opts, torch.device(run_opts.device))  # fills the batch size; refuses bad values now
         old = read_plan(out)
         threads = None if gpu else (ray_opts.torch_threads or torch.get_num_threads())
@@ -490,9 +497,9 @@ def run_ray(
         for i, part in enumerate(parts):
             if not part.items:
                 continue
-            shard_opts = replace_options(
+            shard_opts = dataclasses.replace(
                 run_opts, out=str(shard_dir(out, i, n)), shard=(i, n), resume=True, overwrite=False, quiet=True,
-                layout="insightface", shuffle=None,
+                layout="insightface", shuffle=None, report_html=False,  # the merged DIR gets the one report.html
             )
             hold = ray_opts.hold[1] if ray_opts.hold and ray_opts.hold[0] == i else None
             specs.append(ShardSpec(i, n, shard_opts, part, hold=hold, gpu=gpu))
@@ -517,21 +524,15 @@ def run_ray(
     write_report_html_or_warn(out)
     if not ray_opts.keep_shards:
         shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-    seconds = round(time.perf_counter() - t_start, 3)
-    counts = report["counts"]
-    return RayRunResult(
-        out_dir=out,
-        inputs=counts["inputs"],
-        images=counts["images"],
-        classes=counts["classes"],
-        skipped=counts["skipped"],
+    return _result(
+        out,
+        report,
+        t_start,
         processed=sum(r.get("processed", 0) for r in results.values()),
         shards=len(specs),
         workers=sched._n_created if sched else 0,
         retries=len(sched.retries) if sched else 0,
-        seconds=seconds,
         merge_seconds=round(merge_seconds, 3),
-        report=report,
     )
 
 
@@ -603,21 +604,20 @@ def _merge(
     return report
 
 
-def _result_from_report(out: Path, report: dict[str, Any], t_start: float) -> RayRunResult:
+def _result(out: Path, report: dict[str, Any], t_start: float, **did: Any) -> RayRunResult:
+    """The result of a run that wrote the merged ``report``; without ``did`` (processed, shards, workers,
+    retries, merge_seconds), of a ``--resume`` that found the job already finished."""
     counts = report["counts"]
-    ray_info = report["extra"]["ray"]
+    if not did:
+        did = dict(processed=0, shards=len(report["extra"]["ray"].get("shards", [])), workers=0, retries=0,
+                   merge_seconds=0.0, already_finished=True)
     return RayRunResult(
         out_dir=out,
         inputs=counts["inputs"],
         images=counts["images"],
         classes=counts["classes"],
         skipped=counts["skipped"],
-        processed=0,
-        shards=len(ray_info.get("shards", [])),
-        workers=0,
-        retries=0,
         seconds=round(time.perf_counter() - t_start, 3),
-        merge_seconds=0.0,
-        already_finished=True,
         report=report,
+        **did,
     )

@@ -3,8 +3,8 @@
 Why the cut is ``--shard i/n``'s own: the merged output must be byte-identical to running ``gpu-align run --shard
 i/n`` for every i and then ``gpu-align merge``, so every shard must hold exactly the inputs that command would
 scan, with the same indices (batches are cut at multiples of the batch size of the shard's list). The driver scans
-once and cuts the list with :func:`gpu_align.scan`'s own block rule, instead of every worker scanning the whole tree
-again (3.1 M ``stat``-less directory entries per shard for VGGFace2).
+once and cuts the list with :func:`gpu_align.scan.shard_blocks`, the function ``--shard`` uses, instead of every
+worker scanning the whole tree again (3.1 M ``stat``-less directory entries per shard for VGGFace2).
 
 Why the default shard count depends on the input size only (never on the worker count): a photo's batch, hence its
 detection, depends on where its shard starts, so a default tied to the workers would change the bytes when a rerun
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu_align.scan import Source, _shard_groups
+from gpu_align.scan import Source, shard_blocks
 from packer.errors import UserError
 from packer.fsutil import atomic_write
 
@@ -33,7 +33,6 @@ __all__ = [
     "RayOptions",
     "default_shards",
     "read_plan",
-    "replace_options",
     "shard_dir",
     "shard_sources",
     "write_plan",
@@ -80,17 +79,6 @@ class RayOptions:
     hold: tuple[int, int] | None = None
 
 
-def replace_options(opts: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` of a :class:`RunOptions` that keeps attributes set on it beyond its fields (the
-    command sets ``landmarks_csv``/``boxes_csv`` that way), so every shard runs with exactly the caller's options."""
-    new = dataclasses.replace(opts, **changes)
-    names = {f.name for f in dataclasses.fields(opts)}
-    for k, v in vars(opts).items():
-        if k not in names:
-            setattr(new, k, v)
-    return new
-
-
 def default_shards(num_inputs: int) -> int:
     """One shard per :data:`DEFAULT_SHARD_PHOTOS` photos (at least one)."""
     return max(1, math.ceil(num_inputs / DEFAULT_SHARD_PHOTOS))
@@ -99,25 +87,18 @@ def default_shards(num_inputs: int) -> int:
 def shard_sources(source: Source, n: int) -> list[Source]:
     """The ``n`` shards of an unsharded, unlimited scan: shard i equals ``scan_source(src, shard=(i, n))``.
 
-    Same identities per block (:func:`gpu_align.scan._shard_groups`, the rule ``scan_source`` applies), same order,
+    Same identities per block (:func:`gpu_align.scan.shard_blocks`, what ``scan_source`` cuts with), same order,
     indices renumbered from 0; the scan's skipped files (and ``--landmarks-csv`` matches) stay with every shard, as
     ``--shard`` keeps them. ``tests/test_ray.py`` checks the equality against ``scan_source`` itself. An empty
     shard (possible when one identity holds more than 1/n of the photos) is an empty list: ``--shard i/n`` refuses
     it, a Ray run leaves it out.
     """
-    groups: list[str] = []
-    counts: list[int] = []
-    for it in source.items:
-        if not groups or groups[-1] != it.group:
-            groups.append(it.group)
-            counts.append(0)
-        counts[-1] += 1
-    out = []
-    for i in range(n):
-        keep = _shard_groups(groups, counts, (i, n))
-        items = [dataclasses.replace(it, index=k) for k, it in enumerate(x for x in source.items if x.group in keep)]
-        out.append(dataclasses.replace(source, items=items, skipped=list(source.skipped)))
-    return out
+    return [
+        dataclasses.replace(
+            source, items=[dataclasses.replace(it, index=k) for k, it in enumerate(block)], skipped=list(source.skipped)
+        )
+        for block in shard_blocks(source.items, n)
+    ]
 
 
 def shard_dir(out: str | os.PathLike, i: int, n: int) -> Path:

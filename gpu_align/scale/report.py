@@ -52,6 +52,7 @@ def merged_report(
     )
     run = dict(run)
     run["scan_skipped"] = [{"path": p, "reason": r} for p, r in source.skipped]
+    run["csv"] = [m.report() for m in source.csv]  # --landmarks-csv / --boxes-csv, matched against the whole input
     versions = next((r.get("extra", {}).get("run", {}).get("versions") for r in shard_reports), None)
     if versions:
         run.setdefault("versions", versions)

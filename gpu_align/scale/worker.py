@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_align.scale.plan import replace_options
 from gpu_align.scan import Source
 
 _LOCK_WAIT_S = 60.0  # how long a retry waits for the dead attempt's packer to let go of the shard's folder
@@ -44,6 +43,7 @@ class ShardSpec:
     attempt: int = 0
     hold: int | None = None  # test hook: see RayOptions.hold
     gpu: bool = False
+    cpu_share: int | None = None  # this worker's share of its node's cores (the driver sets it when it hands out)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -53,6 +53,11 @@ def _cpu_seconds() -> float:
 
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity, which a container or ``taskset`` narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _committed(out: Path) -> int:
@@ -102,10 +107,7 @@ class ShardWorker:
 
         import gpu_align.pipeline  # noqa: F401  (the warm part: torch, the models' code, the decoders)
 
-        if gpu:
-            # torch's CPU threads do little on the GPU path: this worker's share of the node's cores
-            torch_threads = torch_threads or max(1, len(os.sched_getaffinity(0)) // max(1, torch.cuda.device_count()))
-        if torch_threads:
+        if torch_threads:  # CPU workers: the plan's count (float rounding depends on it); GPU ones: per shard
             torch.set_num_threads(int(torch_threads))
         self.torch_threads = torch.get_num_threads()
         self.gpu = gpu
@@ -134,6 +136,7 @@ class ShardWorker:
             "node": node,
             "device": device,
             "torch_threads": self.torch_threads,
+            "cores": _cores(),
         }
 
     def status(self) -> dict[str, Any]:
@@ -200,12 +203,14 @@ class ShardWorker:
             self._stop.wait()  # until killed (the test) or stopped (Ctrl-C)
             raise KeyboardInterrupt
 
-        opts = spec.opts
-        if self.gpu and opts.threads is None:  # this worker's share of the node's cores, not all of them
-            opts = replace_options(opts, threads=self.torch_threads)
+        if self.gpu and spec.cpu_share:  # torch's CPU threads do little on the GPU path: this worker's share
+            import torch
+
+            torch.set_num_threads(spec.cpu_share)
+            self.torch_threads = spec.cpu_share
         _wait_for_folder(out)
         try:
-            result = run(opts, source=spec.source, progress=progress)
+            result = run(spec.opts, source=spec.source, progress=progress)
         except KeyboardInterrupt:
             return {"shard": spec.index, "stopped": True, "done": _committed(out)}
         except (UserError, PackerDied) as e:
