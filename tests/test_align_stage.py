@@ -10,6 +10,7 @@ Umeyama fit from the ``train.lst`` landmarks the stage wrote to InsightFace's te
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import pytest
 import torch
 from skimage.transform import SimilarityTransform
 
+from gpu_align.cli import run as gpu_align_cli
 from gpu_align.decode import DecodedBatch, make_decoder
 from gpu_align.pipeline.align_stage import AlignStage, crop_names
 from gpu_align.pipeline.options import RunOptions, StageTimes
 from gpu_align.scan import InputItem, scan_source
+from packer.lst import format_lst_line
 from tests.photo_files import ARCFACE_DST_112
 
 CPU = torch.device("cpu")
@@ -203,36 +206,68 @@ def test_on_miss_center_gives_insightface_fallback(folder):
     assert np.abs(ref.astype(int) - out.crops[0].astype(int)).mean() < 0.5
 
 
-@pytest.mark.parametrize(
-    "shape",
-    [
-        "square",
-        pytest.param(
-            "landscape",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: a centre crop of a non-square photo is an affine with two scales; its train.lst "
-                "landmarks (the template mapped back) are refitted as a similarity, so rebuilding from train.lst "
-                "gives another crop (README: 'rebuilds the same records byte for byte')",
-            ),
-        ),
-    ],
-)
-def test_on_miss_center_lst_line_reproduces_the_crop(folder, shape):
-    """The centre crop's train.lst landmarks are the template mapped back into the photo; a rebuild fits a
-    similarity to them (as a .lst run does) and must get the stored crop back."""
+def _lst_items(tmp_path: Path, lines: list[str]) -> list[InputItem]:
+    """The items of a ``.lst`` holding ``lines`` (paths as written)."""
+    lst = tmp_path / "given.lst"
+    lst.write_text("".join(f"{line}\n" for line in lines))
+    return scan_source(lst).items
+
+
+@pytest.mark.parametrize("shape", ["square", "landscape"])
+def test_on_miss_center_lst_line_reproduces_the_crop(folder, tmp_path, shape):
+    """The centre crop's train.lst line (the whole photo as its box, the template mapped back through the centre-crop
+    affine as its landmarks) gives the stored crop back, bit for bit, when a .lst run takes it as given landmarks:
+    those landmarks are recognised as the photo's centre crop and warped with its affine, not with a similarity fit,
+    which cannot reproduce the crop of a non-square photo (x and y scale differently)."""
     items, batch = folder
     image = batch.images[batch.indices.index(COFFEE)]  # 400×600
     if shape == "square":
         image = image[:, 100:500].contiguous()
     out, _ = _center(items, image)
     (m,) = out.items
+    H, W = image.shape[:2]
+    assert m.lst.bbox == (0, 0, W, H)
     fit = SimilarityTransform.from_estimate(_points(m), ARCFACE_DST_112)
-    assert fit, fit
-    ref = cv2.warpAffine(image.numpy(), fit.params[:2], (112, 112), borderValue=0)
-    diff = np.abs(ref.astype(int) - out.crops[0].astype(int))
-    # the line holds the points to 0.01 px: one grey level in a few % of the values (measured: 2.7 %)
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.05, (diff.max(), (diff > 0).mean())
+    fitted = cv2.warpAffine(image.numpy(), fit.params[:2], (112, 112), borderValue=0)
+    differ = (fitted != out.crops[0]).mean()
+    # what a similarity refit gives instead: close on a square photo, another crop on a landscape one
+    assert differ > 0.5 if shape == "landscape" else differ < 0.05, differ
+
+    # the line as a .lst gives: the same crop, the same line, counted as a centre crop (on_miss skip, the default)
+    given = _lst_items(tmp_path, [format_lst_line(dataclasses.replace(m.lst, path=items[COFFEE].path))])
+    again, counts = _stage(given)(DecodedBatch([0], [image], []), 0)
+    assert counts == {"found": 0, "center": 1, "missed": 0, "failed": 0}
+    (m2,) = again.items
+    assert np.array_equal(again.crops[0], out.crops[0])
+    assert m2.lst == m.lst and m2.row == 0 and m2.skip_reason is None
+
+    # a face that is not the centre crop's (one number 0.02 px off) is fitted and warped as a face
+    lms = list(m.lst.landmarks)
+    lms[0] += 0.02
+    off = dataclasses.replace(m.lst, path=items[COFFEE].path, landmarks=tuple(lms))
+    again, counts = _stage(_lst_items(tmp_path, [format_lst_line(off)]))(DecodedBatch([0], [image], []), 0)
+    assert counts == {"found": 1, "center": 0, "missed": 0, "failed": 0}
+    _assert_crop_is_the_lst_warp(again.crops[0], image, again.items[0])
+
+
+def test_pack_of_an_on_miss_center_run_rebuilds_identical_records(tmp_path, photo_path):
+    """`gpu-align run --on-miss center` on photos with a 400×600 scene without a face, then `gpu-align pack` of its
+    train.lst (no detection): byte-identical train.rec, train.idx, train.lst and property (README's promise)."""
+    src = tmp_path / "src"
+    for folder, names in {"anna": ("astronaut",), "ben": ("coffee", "tom_hanks")}.items():
+        (src / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copy(photo_path(name), src / folder / photo_path(name).name)
+    common = ["--device", "cpu", "--decoder", "cpu", "--batch-size", "4", "-q"]
+    assert gpu_align_cli(["run", str(src), "--out", str(tmp_path / "run"), "--on-miss", "center", *common]) == 0
+    lines = (tmp_path / "run" / "train.lst").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and "\t0\t0\t600\t400\t" in next(ln for ln in lines if "coffee" in ln)  # the centre crop
+    assert gpu_align_cli(["pack", str(tmp_path / "run" / "train.lst"), "--out", str(tmp_path / "pack"), "-q"]) == 0
+    for name in ("train.rec", "train.idx", "train.lst", "property"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "pack" / name).read_bytes(), name
+    counts = [json.loads((tmp_path / d / "report.json").read_text(encoding="utf-8"))["extra"]["run"]["this_invocation"]
+              for d in ("run", "pack")]
+    assert [(c["found"], c["center"]) for c in counts] == [(2, 1), (2, 1)]
 
 
 def test_crop_names_are_unique_per_identity():

@@ -11,8 +11,16 @@ import torch
 from skimage.transform import SimilarityTransform
 
 from gpu_align import FaceAligner
-from gpu_align.align.aligner import AlignResult, refine_landmarks
-from gpu_align.align.warp import align_faces, arcface_template, estimate_similarity, transform_points, warp_faces
+from gpu_align.align.aligner import CENTER_MATCH_PX, MISS_GIVEN_CENTER, AlignResult, refine_landmarks
+from gpu_align.align.warp import (
+    align_faces,
+    arcface_template,
+    center_crop_affine,
+    center_crop_landmarks,
+    estimate_similarity,
+    transform_points,
+    warp_faces,
+)
 from gpu_align.detect.mtcnn import Detections
 from gpu_align.detect.select import POLICIES, face_keys, select_faces
 from packer.errors import UserError
@@ -243,6 +251,36 @@ def test_on_miss_center_gives_flagged_insightface_fallback(photos_rgb):
     ref = cv2.resize(coffee[y0:y1, x0:x1], (112, 112))
     assert np.abs(ref.astype(int) - res.crops[0].numpy()).mean() < 0.5
     assert (res.crops[3] == 0).all()
+
+
+def test_given_centre_crop_landmarks_give_the_centre_crop(photos_rgb):
+    """The rule that lets a train.lst line rebuild a centre crop: a given face whose landmarks are the photo's
+    centre-crop landmarks (within CENTER_MATCH_PX) is warped with the centre-crop affine (an affine with two scales
+    on a non-square photo, which no similarity fit reproduces) and reported as a centre crop, whatever on_miss."""
+    coffee, astro = photos_rgb["coffee"], photos_rgb["astronaut"]
+    square = np.ascontiguousarray(coffee[:, 100:500])
+    imgs = [coffee, square, coffee, astro]
+    reference = FaceAligner(on_miss="center").align(imgs[:3])
+    assert reference.center.tolist() == [True, True, True]
+    centre = center_crop_landmarks([im.shape[0] for im in imgs], [im.shape[1] for im in imgs])
+    given = torch.round(centre * 100) / 100  # as a train.lst holds them
+    given[2, 0, 0] += 2 * CENTER_MATCH_PX  # not the centre crop's: a face
+    box = torch.tensor([[0.0, 0.0, 600.0, 400.0]])
+    dets = [Detections(box, torch.ones(1), given[k : k + 1]) for k in range(3)] + [None]  # astronaut: detected
+    for on_miss in ("skip", "center"):
+        res = FaceAligner(on_miss=on_miss).align(imgs, detections=dets)
+        assert res.center.tolist() == [True, True, False, False] and res.found.tolist() == [False, False, True, True]
+        assert torch.equal(res.crops[:2], reference.crops[:2])
+        assert torch.equal(res.transforms[:2], reference.transforms[:2])
+        assert res.miss_reason[:2] == [MISS_GIVEN_CENTER] * 2 and res.miss_reason[2:] == [None, None]
+        assert torch.isnan(res.landmarks[:2]).all() and torch.isnan(res.boxes[:2]).all()
+        assert torch.isnan(res.scores[:2]).all()
+        # the face 0.02 px off is fitted as a similarity: another crop of the landscape photo
+        fit = estimate_similarity(given[2], arcface_template(112)).float()
+        assert torch.allclose(res.transforms[2], fit[0]) and (res.crops[2] != reference.crops[2]).float().mean() > 0.5
+    # the centre-crop landmarks are the template mapped back: the centre-crop affine takes them onto it
+    back = transform_points(center_crop_affine([400], [600]).double(), centre[:1].double())
+    torch.testing.assert_close(back[0].float(), arcface_template(112), atol=1e-4, rtol=0)
 
 
 def test_detect_then_align_equals_align(aligner, photos_rgb):

@@ -39,6 +39,7 @@ from gpu_align.align.warp import (
     ARCFACE_112,
     arcface_template,
     center_crop_affine,
+    center_crop_landmarks,
     estimate_similarity,
     invert_affine,
     transform_points,
@@ -53,6 +54,17 @@ from gpu_align.errors import DetectorError, UserError
 ON_MISS = ("skip", "center")
 MISS_NO_FACE = "no face"
 MISS_TOO_SMALL = "image too small"
+# The rule that lets a train.lst line reproduce a centre-crop fallback. The line keeps face2rec2's format (box,
+# ten landmark numbers), so a fallback is written with the whole photo as its box and, as its landmarks, the
+# template mapped back through its affine (center_crop_landmarks). On a non-square photo that affine scales x and y
+# differently, so the similarity fitted to those landmarks gives another crop. Hence: a *given* face (a .lst's,
+# or any detections= entry) whose ten numbers all lie within CENTER_MATCH_PX of the centre-crop landmarks of its
+# photo's decoded size is that photo's centre crop again: warped with the centre-crop affine and reported as a
+# centre crop (center True, found False, whatever on_miss is). The tolerance is one 1/100 px step of the .lst's
+# rounding (which moves a number by at most 0.005 px, plus float noise); no real face lands there on all ten
+# numbers, and detected faces are never compared.
+CENTER_MATCH_PX = 0.01
+MISS_GIVEN_CENTER = f"{MISS_NO_FACE}: the given landmarks are the centre crop's"
 
 
 @dataclass
@@ -62,7 +74,8 @@ class AlignResult:
     Attributes:
         crops: ``(B, S, S, 3)`` uint8 RGB; all zeros where ``ok`` is False.
         found: ``(B,)`` bool, a face was detected and aligned.
-        center: ``(B,)`` bool, the crop is the ``on_miss="center"`` fallback (no face found).
+        center: ``(B,)`` bool, the crop is the centre-crop fallback: ``on_miss="center"`` and no face found, or a
+            given face that is a centre crop's landmarks (:data:`CENTER_MATCH_PX`), whatever ``on_miss``.
         boxes: ``(B, 4)`` float32 x1 y1 x2 y2 of the selected face in the input image's pixels; NaN if none.
         landmarks: ``(B, 5, 2)`` float32 (x, y) eyeL eyeR nose mouthL mouthR; NaN if none.
         scores: ``(B,)`` float32 detection confidence; NaN if none.
@@ -459,6 +472,17 @@ class FaceAligner:
             landmarks = torch.round(landmarks * scale) / scale
         return landmarks
 
+    def _given_center_crops(self, batch: _Batch, sel: Selection) -> torch.Tensor | None:
+        """``(B,)`` bool on the device: the rows whose selected *given* face is its photo's centre crop (the rule
+        at :data:`CENTER_MATCH_PX`); None when no row has given faces. One host->device copy, no sync."""
+        given = batch.usable - batch.detected
+        if not given:
+            return None
+        hw = batch.hw
+        expected = center_crop_landmarks([h for h, _ in hw], [w for _, w in hw], self.image_size).to(self.device)
+        near = ((sel.landmarks - expected).abs() <= CENTER_MATCH_PX).flatten(1).all(1)  # NaN: False
+        return near & sel.found & given.mask(self.device)
+
     def _explain_misses(self, batch: _Batch, found: Rows, sel: Selection) -> None:
         """Set each row's ``miss_reason``: None where a face was found; else the reason known so far, or "no face"
         (with the best score when every detection fell below the floor). Two host reads."""
@@ -471,6 +495,17 @@ class FaceAligner:
                 batch.reasons[i] = (
                     f"{MISS_NO_FACE}: low confidence ({best[i]:.2f} < {self.min_score:g})" if low else MISS_NO_FACE
                 )
+
+    @staticmethod
+    def _drop_faces(sel: Selection, rows: torch.Tensor) -> Selection:
+        """``sel`` with no face at ``rows`` (``(B,)`` bool on the device): not found, NaN box/score/landmarks."""
+        nan = float("nan")
+        return sel._replace(
+            found=sel.found & ~rows,
+            boxes=torch.where(rows[:, None], nan, sel.boxes),
+            scores=torch.where(rows, nan, sel.scores),
+            landmarks=torch.where(rows[:, None, None], nan, sel.landmarks),
+        )
 
     def _transforms(self, batch: _Batch, landmarks: torch.Tensor, found: Rows, center: Rows) -> torch.Tensor:
         """``(B, 2, 3)`` float32 image→crop affines on the device: the landmark fit for ``found`` rows, the
@@ -505,6 +540,8 @@ class FaceAligner:
                 grayscale and RGBA are converted.
             detections: optional faces per image, used as given (e.g. :meth:`detect`'s output, or landmarks from
                 a ``.lst``); an image whose entry is None is detected, and only its selected face is refined.
+                A given face whose landmarks are its photo's centre-crop landmarks gets the centre crop
+                (:data:`CENTER_MATCH_PX`: how a ``train.lst`` line reproduces a fallback).
 
         Returns:
             :class:`AlignResult` with ``B = len(images)`` rows, tensors on the aligner's device. All crops of
@@ -517,11 +554,21 @@ class FaceAligner:
         clock.lap("detect")
         # the floor applies to given faces too: align(x, detect(x)) == align(x); a .lst's faces score 1
         sel = select_faces(dets, batch.hw, self.select, min_score=self.min_score)
-        found = Rows.where(sel.found.tolist())  # only usable photos have faces
+        given_center = self._given_center_crops(batch, sel)
+        if given_center is None:
+            found = Rows.where(sel.found.tolist())  # only usable photos have faces
+            given_centers = Rows.where([False] * len(batch))
+        else:  # the same one host read for both
+            found_host, center_host = torch.stack([sel.found, given_center]).tolist()
+            given_centers = Rows.where(center_host)  # given centre crops: centre crops again, not faces
+            found = Rows.where(found_host) - given_centers
+            sel = self._drop_faces(sel, given_center)
+            for i in given_centers:
+                batch.reasons[i] = MISS_GIVEN_CENTER
         landmarks = self._final_landmarks(batch, sel.landmarks, found)
         clock.lap("refine")
         self._explain_misses(batch, found, sel)
-        center = batch.usable - found if self.on_miss == "center" else Rows.where([False] * len(batch))
+        center = batch.usable - found if self.on_miss == "center" else given_centers
         transforms = self._transforms(batch, landmarks, found, center)
         crops = self._warp(batch, transforms, found | center)
         clock.lap("warp")

@@ -125,15 +125,8 @@ def transform_points(M: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     return pts @ M[..., :2].transpose(-1, -2) + M[..., None, :, 2]
 
 
-def center_crop_affine(heights, widths, size: int = 112, margin: float | None = None) -> torch.Tensor:
-    """``(F, 2, 3)`` float32 src->crop affines reproducing InsightFace's no-face fallback (``face_preprocess``).
-
-    That fallback took the box inset by 6.25 % of the width/height on each side, grew it by ``margin/2``
-    pixels per side (``margin`` = 44 for 112 crops; here 44·size/112 by default), clipped it to the image and
-    ``cv2.resize``-d it to ``size`` × ``size`` (aspect ratio not kept). ``cv2.resize``'s bilinear sampling
-    (``src = (dst + 0.5)·scale - 0.5``) is an affine map, so :func:`warp_faces` does the same crop.
-    ``heights``/``widths``: ``(F,)`` ints (sequence or tensor).
-    """
+def _center_crop_inverse(heights, widths, size: int, margin: float | None) -> torch.Tensor:
+    """``(F, 2, 3)`` float64 crop->src affines of :func:`center_crop_affine` (the ``cv2.resize`` sampling map)."""
     h = torch.as_tensor(heights, dtype=torch.float64)
     w = torch.as_tensor(widths, dtype=torch.float64)
     half = (44.0 * size / 112.0 if margin is None else float(margin)) / 2.0
@@ -143,12 +136,38 @@ def center_crop_affine(heights, widths, size: int = 112, margin: float | None = 
     x2 = torch.minimum(torch.floor(w - torch.floor(w * 0.0625) + half), w)
     y2 = torch.minimum(torch.floor(h - torch.floor(h * 0.0625) + half), h)
     sx, sy = (x2 - x1) / size, (y2 - y1) / size  # source pixels per crop pixel
-    # inverse map crop->src: x = sx·u + (0.5·sx - 0.5 + x1); invert to src->crop
+    # crop->src: x = sx·u + (0.5·sx - 0.5 + x1)
     zeros = torch.zeros_like(sx)
-    inv = torch.stack(
+    return torch.stack(
         [torch.stack([sx, zeros, 0.5 * sx - 0.5 + x1], -1), torch.stack([zeros, sy, 0.5 * sy - 0.5 + y1], -1)], -2
     )
-    return invert_affine(inv).to(torch.float32)
+
+
+def center_crop_affine(heights, widths, size: int = 112, margin: float | None = None) -> torch.Tensor:
+    """``(F, 2, 3)`` float32 src->crop affines reproducing InsightFace's no-face fallback (``face_preprocess``).
+
+    That fallback took the box inset by 6.25 % of the width/height on each side, grew it by ``margin/2``
+    pixels per side (``margin`` = 44 for 112 crops; here 44·size/112 by default), clipped it to the image and
+    ``cv2.resize``-d it to ``size`` × ``size`` (aspect ratio not kept). ``cv2.resize``'s bilinear sampling
+    (``src = (dst + 0.5)·scale - 0.5``) is an affine map, so :func:`warp_faces` does the same crop.
+    ``heights``/``widths``: ``(F,)`` ints (sequence or tensor). On a non-square photo x and y scale differently:
+    not a similarity, so no landmark fit reproduces it (see :func:`center_crop_landmarks`).
+    """
+    return invert_affine(_center_crop_inverse(heights, widths, size, margin)).to(torch.float32)
+
+
+def center_crop_landmarks(heights, widths, size: int = 112) -> torch.Tensor:
+    """``(F, 5, 2)`` float32 (CPU): the :func:`arcface_template` mapped back through :func:`center_crop_affine`.
+
+    What a ``train.lst`` line records for a centre-crop fallback (with the whole photo as its box), and how a
+    ``.lst`` face is recognised as one: :class:`~gpu_align.align.FaceAligner` warps a given face whose landmarks
+    are these (within :data:`gpu_align.align.aligner.CENTER_MATCH_PX`) with the centre-crop affine, not with a
+    similarity fit, which cannot reproduce the crop of a non-square photo (x and y scale differently).
+    Computed in float64 from the photo's size alone, on the host, so every caller gets the same numbers.
+    """
+    inv = _center_crop_inverse(heights, widths, size, None)
+    template = arcface_template(size).to(torch.float64).expand(inv.shape[0], 5, 2)
+    return transform_points(inv, template).to(torch.float32)
 
 
 def _as_image_list(images) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 from gpu_align.align import AlignResult, FaceAligner
 from gpu_align.align.rows import Rows
-from gpu_align.align.warp import arcface_template, invert_affine, transform_points
+from gpu_align.align.warp import center_crop_landmarks
 from gpu_align.decode import DecodedBatch
 from gpu_align.detect import Detections
 from gpu_align.detect.select import segmented_argmax
@@ -120,7 +120,6 @@ class AlignStage:
         self.device = device
         self.items = items
         self.times = times
-        self.template = arcface_template(opts.image_size, device=device)
         self.crop_names = crop_names(items) if opts.save_crops else None
         self._picked: dict[int, Detections] = {}  # input index -> the face --boxes-csv chose (see _match_boxes)
 
@@ -198,16 +197,6 @@ class AlignStage:
                 counts["failed"] += 1
         return metas
 
-    def _lst_landmarks(self, res: AlignResult) -> torch.Tensor:
-        """``(B, 5, 2)`` float32 landmarks for ``train.lst``, at its precision; centre-crop fallbacks get the
-        landmarks that reproduce them (the template mapped back to the photo)."""
-        lms = torch.where(
-            res.center[:, None, None],
-            transform_points(invert_affine(res.transforms), self.template.expand(len(res), 5, 2)),
-            res.landmarks,
-        )
-        return _round_landmarks(lms)
-
     def start(self, batch: DecodedBatch, skip_below: int) -> PendingBatch:
         """Queue the alignment of ``batch`` and the copy of its results to the host; :meth:`PendingBatch.finish`
         makes the packer's message. Inputs with index < ``skip_below`` (already written) are left out of it.
@@ -221,7 +210,7 @@ class AlignStage:
         if not batch.images:
             return PendingBatch(self, batch, skip_below, counts, metas)
         res = self.aligner.align(batch.images, detections=self._given(batch))
-        copy = HostCopy(res.crops, _per_photo(res, self._lst_landmarks(res)))
+        copy = HostCopy(res.crops, _per_photo(res, _round_landmarks(res.landmarks)))
         return PendingBatch(self, batch, skip_below, counts, metas, res, copy)
 
     def __call__(self, batch: DecodedBatch, skip_below: int) -> tuple[CropBatch, dict[str, int]]:
@@ -284,12 +273,26 @@ class PendingBatch:
             "runner_up": _face(row[_RU_BOX], float(row[_RU_SCORE])),
         }
 
+    def _center_landmarks(self, table: np.ndarray) -> dict[int, np.ndarray]:
+        """Batch row -> ``(5, 2)`` ``train.lst`` landmarks of each centre-crop fallback: the centre crop's
+        (:func:`~gpu_align.align.warp.center_crop_landmarks`, from the photo's size, rounded to the line's
+        precision), which a ``.lst`` run recognises and warps with the centre-crop affine again (the rule:
+        :data:`gpu_align.align.aligner.CENTER_MATCH_PX`). One host computation for all of them."""
+        rows = [k for k in range(len(table)) if table[k, _CENTER] > 0]
+        if not rows:
+            return {}
+        hw = [self.batch.images[k].shape[:2] for k in rows]
+        size = self.stage.aligner.image_size
+        lms = _round_landmarks(center_crop_landmarks([h for h, _ in hw], [w for _, w in hw], size))
+        return dict(zip(rows, lms.numpy(), strict=True))
+
     def _aligned(self, all_crops: np.ndarray, table: np.ndarray) -> np.ndarray:
         """Add the metas of the aligned photos not yet written; returns their crops, ``(F, S, S, 3)`` uint8, in
         the order of the metas' ``row``."""
         stage, batch, items = self.stage, self.batch, self.stage.items
         ok = table[:, _OK] > 0
         sent = Rows.where(bool(o) and i >= self.skip_below for o, i in zip(ok, batch.indices, strict=True))
+        center_lms = self._center_landmarks(table)
         for k, i in enumerate(batch.indices):
             if i < self.skip_below:
                 continue
@@ -297,10 +300,11 @@ class PendingBatch:
             if k in sent:
                 center = row[_CENTER] > 0
                 box = row[_BOX]
-                if center:  # a centre-crop fallback's box: the whole photo
+                lms = row[_LMS].reshape(5, 2)
+                if center:  # a centre-crop fallback: the whole photo, the landmarks that make it again
                     h, w = batch.images[k].shape[:2]
-                    box = (0, 0, w, h)
-                lst = _lst_entry(it.path, box, row[_LMS].reshape(5, 2))
+                    box, lms = (0, 0, w, h), center_lms[k]
+                lst = _lst_entry(it.path, box, lms)
                 name = stage.crop_names[i] if stage.crop_names else ""
                 note = self._note(row) if row[_MULTI] > 0 else None
                 self.metas[i] = ItemMeta(i, it.group, it.path, sent.position(k), lst, None, name, note)
