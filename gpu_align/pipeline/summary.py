@@ -40,7 +40,8 @@ def print_summary(result: RunResult, file: TextIO, command: str = "run") -> None
     if counts.get("dropped_identities"):
         rows.append(("dropped identities", f"{counts['dropped_identities']:,} (too few images)"))
     if result.center:
-        rows.append(("centre crops", f"{result.center:,} (no face found; --on-miss center)"))
+        why = "no face: the photo's centre, from --on-miss center or a .lst line of one"
+        rows.append(("centre crops", f"{result.center:,} ({why})"))
     if counts.get("skipped"):
         detail = ", ".join(f"{k} {v:,}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
         rows.append(("skipped", f"{counts['skipped']:,} ({detail}); see report.json"))
