@@ -231,12 +231,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class HostCopy:
-    """Device tensors copied to the host without waiting for them.
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    """The current stream of CUDA ``device``, where its queued work and copies run. Not the current device's:
+    with ``cuda:1`` an event recorded there (``Event.record()``'s default) would not follow ``cuda:1``'s work."""
+    return torch.cuda.current_stream(device)
 
-    On CUDA each tensor is copied into pinned host memory with ``non_blocking=True`` on the current stream, behind
-    the work that computes it, and an event marks the end of the copies; :meth:`wait` blocks on that event only.
-    On the CPU the tensors are already on the host and :meth:`wait` returns them as they are.
+
+class HostCopy:
+    """Device tensors (all on one device) copied to the host without waiting for them.
+
+    On CUDA each tensor is copied into pinned host memory with ``non_blocking=True`` on its device's current
+    stream, behind the work that computes it, and an event on that stream marks the end of the copies;
+    :meth:`wait` blocks on that event only. (The caching allocator frees a source tensor for reuse only by later
+    work on that stream, so the sources need not outlive the call.) On the CPU the tensors are already on the
+    host and :meth:`wait` returns them as they are.
     """
 
     def __init__(self, *tensors: torch.Tensor):
@@ -246,7 +254,7 @@ class HostCopy:
             for h, t in zip(self._host, tensors, strict=True):
                 h.copy_(t, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(_stream(tensors[0].device))
         else:
             self._host = list(tensors)
 
@@ -260,14 +268,16 @@ class HostCopy:
 class StageClock:
     """Seconds per named stage, measured only when ``enabled``.
 
-    On CUDA each :meth:`lap` records an event instead of synchronising (GPU time, and the work stays queued);
-    :attr:`seconds` reads the events lazily, so ask for it after waiting for the batch (e.g. :meth:`HostCopy.wait`)
-    and it costs no extra stall. On the CPU a lap reads ``time.perf_counter``.
+    On CUDA each :meth:`lap` records an event on ``device``'s current stream instead of synchronising (GPU time,
+    and the work stays queued); :attr:`seconds` reads the events when first looked into, waiting for the last lap
+    if it has not been reached: ask for it after waiting for the batch (e.g. :meth:`HostCopy.wait`) and it costs no
+    extra stall. On the CPU a lap reads ``time.perf_counter``.
     """
 
     def __init__(self, device: torch.device, enabled: bool):
         self.enabled = enabled
         self._cuda = enabled and device.type == "cuda"
+        self._device = device
         self._laps: list[tuple[str, object, object]] = []
         self._last = self._mark() if enabled else None
 
@@ -275,7 +285,7 @@ class StageClock:
         if not self._cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(_stream(self._device))
         return event
 
     def lap(self, stage: str) -> None:
@@ -298,8 +308,10 @@ class _Laps(Mapping[str, float]):
     def _resolved(self) -> dict[str, float]:
         if self._seconds is None:
             self._seconds = {}
+            if self._cuda and self._laps:  # elapsed_time raises (cudaErrorNotReady) on an event not yet reached
+                self._laps[-1][2].synchronize()  # the last lap's end: all the laps' events are on one stream
             for stage, start, end in self._laps:
-                dt = start.elapsed_time(end) / 1000 if self._cuda else end - start  # elapsed_time waits for `end`
+                dt = start.elapsed_time(end) / 1000 if self._cuda else end - start
                 self._seconds[stage] = self._seconds.get(stage, 0.0) + dt
         return self._seconds
 

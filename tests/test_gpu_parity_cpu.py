@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -27,7 +28,7 @@ from gpu_align import FaceAligner
 from gpu_align.decode import dali_available, make_decoder
 from gpu_align.decode.cpu import decode_bytes, to_8bit
 from gpu_align.detect.mtcnn import MTCNN
-from gpu_align.device import cuda_index_error, fp32_precisions, full_fp32, is_out_of_memory
+from gpu_align.device import HostCopy, StageClock, cuda_index_error, fp32_precisions, full_fp32, is_out_of_memory
 from gpu_align.pipeline import resolve_device
 from packer.errors import UserError
 from tests.badfiles import make_bad_files
@@ -358,6 +359,68 @@ def test_cuda_device_beyond_the_count_is_one_line():
         with pytest.raises(UserError, match="CUDA") as e:  # here: no CUDA at all; on a GPU machine: the count
             make()
         assert "\n" not in str(e.value)
+
+
+class _FakeEvent:
+    """A CUDA event on CPU: remembers its stream; ``elapsed_time`` raises (cudaErrorNotReady) until synchronised."""
+
+    made: ClassVar[list[_FakeEvent]] = []
+
+    def __init__(self, enable_timing: bool = False):
+        self.stream, self.done = None, False
+        _FakeEvent.made.append(self)
+
+    def record(self, stream=None):
+        self.stream = stream
+
+    def synchronize(self):  # one stream: everything recorded so far has been reached
+        for e in _FakeEvent.made:
+            e.done = True
+
+    def elapsed_time(self, end):
+        if not (self.done and end.done):
+            raise RuntimeError("CUDA error: device not ready")
+        return 5.0
+
+
+@pytest.fixture
+def fake_cuda_events(monkeypatch):
+    _FakeEvent.made = []
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    return _FakeEvent.made
+
+
+def test_stage_clock_records_on_its_devices_stream_and_waits_for_the_last_lap(fake_cuda_events):
+    # cuda:1 while the current device is cuda:0: events on cuda:0's stream would time (and wait for) nothing
+    dev = torch.device("cuda:1")
+    clock = StageClock(dev, enabled=True)
+    clock.lap("detect")
+    clock.lap("warp")
+    clock.lap("warp")
+    assert {e.stream for e in fake_cuda_events} == {("stream of", dev)}
+    assert dict(clock.seconds) == {"detect": 0.005, "warp": 0.010}  # read before the work ended: it waits
+
+
+def test_host_copy_event_follows_the_tensors_device(fake_cuda_events, monkeypatch):
+    dev = torch.device("cuda:1")
+
+    class DeviceTensor:  # what HostCopy reads of a CUDA tensor
+        device, shape, dtype = dev, (2, 3), torch.uint8
+
+    copied = []
+
+    class Pinned:
+        def copy_(self, src, non_blocking=False):
+            copied.append((src, non_blocking))
+
+    monkeypatch.setattr(torch, "empty", lambda shape, dtype, pin_memory: Pinned())
+    src = DeviceTensor()
+    copy = HostCopy(src)
+    (event,) = fake_cuda_events
+    assert copied == [(src, True)] and event.stream == ("stream of", dev) and not event.done
+    copy.wait()
+    assert event.done
 
 
 # --- on a GPU -----------------------------------------------------------------------------------------------------
