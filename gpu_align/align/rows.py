@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import torch
 
+from gpu_align.device import to_device
+
 T = TypeVar("T")
 
 
@@ -21,8 +23,9 @@ T = TypeVar("T")
 class Rows:
     """Rows ``ids`` (ascending) of a batch of ``size``; compacted, row ``ids[k]`` lands at position ``k``.
 
-    Host data only: building one never touches the device; :meth:`index` and :meth:`mask` are one host→device
-    copy each (no host sync).
+    Host data only: building one never touches the device; :meth:`index` and :meth:`mask` are one asynchronous
+    host→device copy each (:func:`~gpu_align.device.to_device`: no host sync; a plain ``torch.tensor(...,
+    device="cuda")`` would wait for the stream's queued work).
     """
 
     ids: tuple[int, ...]
@@ -81,11 +84,11 @@ class Rows:
 
     def index(self, device: torch.device) -> torch.Tensor:
         """``(len(self),)`` int64 row indices on ``device``."""
-        return torch.tensor(self.ids, dtype=torch.int64, device=device)
+        return to_device(torch.tensor(self.ids, dtype=torch.int64), device)
 
     def mask(self, device: torch.device) -> torch.Tensor:
         """``(size,)`` bool on ``device``, True at these rows."""
-        return torch.tensor([i in self._pos for i in range(self.size)], dtype=torch.bool, device=device)
+        return to_device(torch.tensor([i in self._pos for i in range(self.size)], dtype=torch.bool), device)
 
 
 __all__ = ["Rows"]

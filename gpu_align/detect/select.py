@@ -29,6 +29,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from gpu_align.device import to_device
+
 POLICIES = ("center-largest", "largest", "best-score", "center")
 
 
@@ -116,21 +118,22 @@ def select_faces(
     B = len(detections)
     device = detections[0].boxes.device if B else torch.device("cpu")
     hw = torch.as_tensor(image_hw, dtype=torch.float32, device=device).reshape(B, 2)
-    counts = torch.tensor([len(d.scores) for d in detections], dtype=torch.long, device=device)
+    sizes = [len(d.scores) for d in detections]  # host shapes: the total needs no device read
+    counts = to_device(torch.tensor(sizes, dtype=torch.long), device)
     nan = float("nan")
 
     def rows(*shape: int) -> torch.Tensor:
         return torch.full((B, *shape), nan, device=device)
 
     boxes_out, scores_out, lm_out, best_out, ru_boxes, ru_scores = rows(4), rows(), rows(5, 2), rows(), rows(4), rows()
-    if B == 0 or int(counts.sum()) == 0:
+    if B == 0 or sum(sizes) == 0:
         zero = torch.zeros_like(counts)
         return Selection(counts > 0, boxes_out, scores_out, lm_out, counts, zero, best_out, ru_boxes, ru_scores)
 
     boxes = torch.cat([d.boxes.float().reshape(-1, 4) for d in detections])
     scores = torch.cat([d.scores.float().reshape(-1) for d in detections])
     lms = torch.cat([d.landmarks.float().reshape(-1, 5, 2) for d in detections])
-    img = torch.repeat_interleave(torch.arange(B, device=device), counts)  # (K,) image of each face
+    img = torch.repeat_interleave(torch.arange(B, device=device), counts, output_size=sum(sizes))  # (K,) face's image
     if callable(policy):
         keys = torch.as_tensor(policy(boxes, scores, lms, hw[img]), device=device).float().reshape(-1)
     else:
@@ -138,7 +141,7 @@ def select_faces(
     confident = scores >= min_score
     # NaN keys rank below every real key but above "not a candidate": shift them to the float32 minimum
     keys = torch.nan_to_num(keys, nan=torch.finfo(torch.float32).min, neginf=torch.finfo(torch.float32).min)
-    keys = torch.where(confident, keys, torch.tensor(-torch.inf, device=device))
+    keys = torch.where(confident, keys, -torch.inf)
     K = keys.numel()
     first = segmented_argmax(keys, img, B)
     found = first < K
