@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from gpu_align.demo.data import build_demo_dataset
 from gpu_align.pipeline import RunOptions, run
 from gpu_align.scale import RayOptions
 from gpu_align.scale.plan import PLAN_NAME, SHARDS_DIR, shard_dir, shard_sources
-from gpu_align.scan import scan_source
+from gpu_align.scan import Source, scan_source
 from packer.errors import UserError
 from packer.layout import STATE_NAME
 from packer.merge import merge_datasets
@@ -208,15 +209,33 @@ def test_archive_with_landmarks_csv(ray_runtime, tmp_path):
     assert csv["kind"] == "landmarks" and csv["matched"] == csv["rows"] == res.report["counts"]["images"], csv
 
 
-def test_cli_ray_flag_in_process(ray_runtime, photos, reference, tmp_path, capsys):
-    """``gpu-align run SRC --out DIR --ray --shards 3`` joins the runtime this process holds: same bytes, a summary."""
+def test_cli_ray_flag_in_process(ray_runtime, photos, reference, tmp_path, capsys, monkeypatch):
+    """``gpu-align run SRC --out DIR --ray --shards 3`` joins the runtime this process holds: same bytes, a summary.
+
+    ``DIR`` (relative: the shards get absolute paths, which workers on other nodes need) holds an interrupted
+    plain run: ``--ray --resume`` refuses it up front (its merge could never resume that pack), ``--ray
+    --overwrite`` replaces it (once, the merge resumed the plain run's state and failed after aligning it all)."""
     from gpu_align.cli import run as cli
 
-    out = tmp_path / "out"
-    args = ["run", str(photos), "--out", str(out), "--device", "cpu", "--decoder", "cpu", "--batch-size", "2"]
-    assert cli([*args, "--ray", "--shards", "3", "--workers", "1", "-q"]) == 0
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    out = Path("out")
+    with pytest.raises(KeyboardInterrupt):
+        run(_opts(photos, out), progress=stop)
+    assert (out / STATE_NAME).is_file()
+    args = ["run", str(photos), "--out", "out", "--device", "cpu", "--decoder", "cpu", "--batch-size", "2"]
+    assert cli([*args, "--ray", "--shards", "3", "--workers", "1", "-q", "--resume"]) == 2
+    assert "holds an unfinished `gpu-align run` without --ray" in capsys.readouterr().err
+    assert not (out / SHARDS_DIR).exists()
+    assert cli([*args, "--ray", "--shards", "3", "--workers", "1", "-q", "--overwrite"]) == 0
     _same(reference, out)
     assert "3 shards on 1 workers" in capsys.readouterr().out
+    assert not (out / "run.inputs.jsonl.gz").exists()  # the plain run's resume sidecar went with it
+    report = _report(out)
+    assert all(Path(i["rec"]).is_absolute() for i in report["config"]["input"]["inputs"]), report["config"]
+    assert [s["dir"] for s in report["extra"]["ray"]["shards"]] == [f"{SHARDS_DIR}/{i}" for i in range(SHARDS)]
     assert cli([*args, "--ray", "--shard", "0/2"]) == 2
     assert "--shard and --ray exclude each other" in capsys.readouterr().err
 
@@ -234,3 +253,66 @@ def test_without_ray_the_flag_says_how_to_install(photos, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and 'pip install "gpu-align[ray]"' in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_shard_count_is_clamped_before_the_resume_check():
+    """``--shards 12`` over 9 identities plans 9 shards; the printed continue command (the same ``--shards 12``
+    plus ``--resume``) is accepted, another count is refused."""
+    from gpu_align.scale.plan import plan_shards
+
+    assert plan_shards(12, 24, 9, None, "out") == 9
+    assert plan_shards(12, 24, 9, 9, "out") == 9
+    assert plan_shards(None, 24, 9, 9, "out") == 9
+    with pytest.raises(UserError, match="was started with --shards 9"):
+        plan_shards(4, 24, 9, 9, "out")
+
+
+class _FakeRay:
+    """What :class:`_Scheduler` asks of Ray when one call finishes: ``get`` of its result."""
+
+    class exceptions:
+        RayActorError = type("RayActorError", (Exception,), {})
+        RayError = type("RayError", (Exception,), {})
+
+    def __init__(self, result):
+        self.result = result
+
+    def get(self, ref):
+        return self.result
+
+
+def test_a_shard_that_stopped_on_its_own_is_retried_not_merged():
+    """A worker that answers ``stopped`` without the driver's stop (a SIGINT in the worker): the shard is retried
+    (counted), never recorded as finished, so the merge never takes its committed part for the whole."""
+    from gpu_align.scale.driver import ShardFailed, _Attempt, _Scheduler, _Worker
+    from gpu_align.scale.worker import ShardSpec
+
+    sched = object.__new__(_Scheduler)
+    spec = ShardSpec(0, 3, _opts(Path("src"), Path("out/shards/0")), Source("folder", "src"))
+    w = _Worker("w0", None, {"pid": 1})
+    sched.ray, sched.results, sched.retries, sched.max_retries = _FakeRay({"shard": 0, "stopped": True}), {}, [], 1
+    sched.pending, sched.failures, sched.inflight = deque(), {0: 0}, {"ref": _Attempt(spec, w, 0.0)}
+    sched._finished("ref")
+    assert sched.results == {} and [s.attempt for s in sched.pending] == [1]
+    assert "stopped before its end" in sched.retries[0]["error"]
+    sched.inflight["ref"] = _Attempt(sched.pending.popleft(), w, 0.0)
+    with pytest.raises(ShardFailed, match=r"failed after 2 attempts: the shard stopped.*rerun with --resume"):
+        sched._finished("ref")
+
+
+def test_a_shard_folder_still_locked_is_a_retryable_error(tmp_path, monkeypatch):
+    """The previous attempt's packer still holds the shard folder's lock past the wait: an error the driver
+    retries (``user_error`` False), not the writer's "being written by another process" that stops the job."""
+    from gpu_align.scale import worker
+    from packer.writer.folder import FolderLock
+
+    monkeypatch.setattr(worker, "_LOCK_WAIT_S", 0.2)
+    out = tmp_path / "shard"
+    lock = FolderLock(out)
+    try:
+        spec = worker.ShardSpec(0, 1, _opts(tmp_path, out), Source("folder", str(tmp_path)))
+        res = worker.ShardWorker(None, False).run_shard(spec)
+    finally:
+        lock.release()
+    assert res["user_error"] is False and "still locked 0.2 s" in res["error"], res
+    assert worker._wait_for_folder(out, timeout=0)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -32,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from gpu_align.pipeline.options import RunOptions, check_options, check_out_folder
+from gpu_align.pipeline.resume import INPUTS_NAME
 from gpu_align.pipeline.stages import scan_inputs
 from gpu_align.scale.plan import (
     SHARDS_DIR,
     RayOptions,
-    default_shards,
+    plan_shards,
     read_plan,
     shard_dir,
     shard_sources,
@@ -115,6 +118,14 @@ def _finished_ray_report(out: Path) -> dict[str, Any] | None:
     return report if report is not None and "ray" in (report.get("extra") or {}) else None
 
 
+def _unfinished_command(out: Path) -> str | None:
+    """The command whose unfinished pack ``out`` holds (``"merge"`` for a Ray run's merge), None without one."""
+    try:
+        return str(json.loads((out / STATE_NAME).read_bytes())["config"]["input"]["command"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: the merge's writer says what it is
+        return None
+
+
 def _prepare_out(out: Path, opts: RunOptions) -> dict[str, Any] | None:
     """Refuse a ``DIR`` that is not this run's to write; ``--overwrite`` clears gpu-align's files and shards.
 
@@ -124,11 +135,18 @@ def _prepare_out(out: Path, opts: RunOptions) -> dict[str, Any] | None:
         return None
     plan = (out / SHARDS_DIR).is_dir() and read_plan(out) is not None
     finished = _finished_ray_report(out)
+    other = _unfinished_command(out)
+    if opts.resume and other not in (None, "merge"):  # an interrupted plain run: its merge could never resume
+        raise UserError(
+            f"{out} holds an unfinished `gpu-align {other}` without --ray: continue it with that command and "
+            "--resume (no --ray), or use --overwrite to start a Ray run there"
+        )
     if opts.overwrite:
         if (out / SHARDS_DIR).is_dir() and not plan:
             raise UserError(f"{out / SHARDS_DIR} was not written by gpu-align --ray; move it away first")
         if plan:
             shutil.rmtree(out / SHARDS_DIR)
+        (out / INPUTS_NAME).unlink(missing_ok=True)  # a plain run's resume sidecar: no merge writes or removes it
         return None  # the merge's writer removes its own files (overwrite=True)
     if opts.resume:
         if finished is not None:
@@ -300,8 +318,8 @@ class _Scheduler:
                 self._fail(spec, res["error"], attempts=spec.attempt + 1)
             self._retry(spec, w, res["error"])
             return
-        if res.get("stopped"):
-            self.results[spec.index] = res
+        if res.get("stopped"):  # only a stop() asks for it, and stop() reads no results: never merge a part
+            self._retry(spec, w, "the shard stopped before its end (interrupted in its worker)")
             return
         res["worker"] = w.name
         res["attempts"] = spec.attempt + 1
@@ -319,7 +337,10 @@ class _Scheduler:
 
     def _fail(self, spec: ShardSpec, why: str, attempts: int) -> None:
         times = f" after {attempts} attempts" if attempts > 1 else ""
-        raise ShardFailed(f"shard {spec.index} of {spec.count} ({spec.opts.out}) failed{times}: {why}")
+        raise ShardFailed(
+            f"shard {spec.index} of {spec.count} ({spec.opts.out}) failed{times}: {why}; every shard keeps what it "
+            "committed: fix the cause, then rerun with --resume"
+        )
 
     def _poll(self) -> None:
         """Each busy worker's progress: the bar, and the ``on_status`` snapshot."""
@@ -470,11 +491,10 @@ def run_ray(
         check_options(run_opts, torch.device(run_opts.device))  # fills the batch size; refuses bad values now
         old = read_plan(out)
         threads = None if gpu else (ray_opts.torch_threads or torch.get_num_threads())
-        n = ray_opts.shards or default_shards(len(source.items))
+        identities = len({it.group for it in source.items})
+        n = plan_shards(ray_opts.shards, len(source.items), identities, int(old["shards"]) if old else None, out)
         settings = _plan_settings(run_opts)
         if old is not None:
-            if ray_opts.shards is not None and ray_opts.shards != old["shards"]:
-                raise UserError(f"{out} was started with --shards {old['shards']}; resume it with that (or omit it)")
             if old.get("settings") != settings:
                 diffs = [
                     f"{k}: {old['settings'].get(k)!r} then, {v!r} now"
@@ -485,8 +505,7 @@ def run_ray(
                     f"{out} was started with other settings ({'; '.join(diffs)}); rerun with the same ones, or use "
                     "--overwrite to start again"
                 )
-            n, threads = int(old["shards"]), old.get("torch_threads")
-        n = min(n, len({it.group for it in source.items}))  # more shards than identities: only empty ones
+            threads = old.get("torch_threads")
         write_plan(
             out,
             {"source": source.root, "inputs": len(source.items), "shards": n, "torch_threads": threads,
@@ -498,8 +517,10 @@ def run_ray(
             if not part.items:
                 continue
             shard_opts = dataclasses.replace(
-                run_opts, out=str(shard_dir(out, i, n)), shard=(i, n), resume=True, overwrite=False, quiet=True,
-                layout="insightface", shuffle=None, report_html=False,  # the merged DIR gets the one report.html
+                run_opts, out=str(shard_dir(out.absolute(), i, n)), shard=(i, n), resume=True, overwrite=False,
+                quiet=True, layout="insightface", shuffle=None, report_html=False,  # DIR gets the one report.html
+                # absolute: a worker on another node runs in the directory its `ray start` ran in, not the driver's
+                save_crops=os.path.abspath(run_opts.save_crops) if run_opts.save_crops else None,
             )
             hold = ray_opts.hold[1] if ray_opts.hold and ray_opts.hold[0] == i else None
             specs.append(ShardSpec(i, n, shard_opts, part, hold=hold, gpu=gpu))
@@ -554,7 +575,7 @@ def _merge(
 
     dirs = [s.opts.out for s in specs]
     t0 = time.perf_counter()
-    resume = (out / STATE_NAME).exists()
+    resume = (out / STATE_NAME).exists() and not opts.overwrite  # --overwrite: whatever is there is replaced
     merge_datasets(
         dirs,
         out,
@@ -591,7 +612,7 @@ def _merge(
         "shards": [
             {
                 "shard": s.index,
-                "dir": str(Path(s.opts.out).relative_to(out)),
+                "dir": str(Path(s.opts.out).relative_to(out.absolute())),
                 **{k: v for k, v in results[s.index].items() if k not in ("shard", "out", "stage_seconds")},
             }
             for s in specs

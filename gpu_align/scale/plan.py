@@ -32,6 +32,7 @@ __all__ = [
     "SHARDS_DIR",
     "RayOptions",
     "default_shards",
+    "plan_shards",
     "read_plan",
     "shard_dir",
     "shard_sources",
@@ -82,6 +83,19 @@ class RayOptions:
 def default_shards(num_inputs: int) -> int:
     """One shard per :data:`DEFAULT_SHARD_PHOTOS` photos (at least one)."""
     return max(1, math.ceil(num_inputs / DEFAULT_SHARD_PHOTOS))
+
+
+def plan_shards(requested: int | None, num_inputs: int, identities: int, planned: int | None, out) -> int:
+    """The shard count: ``--shards`` (``requested``) or :func:`default_shards`, at most one per identity (more
+    would only add empty shards); a resumed job's ``planned`` count wins, and a ``requested`` one that differs from
+    it is refused. The clamp applies before the comparison, so rerunning the same command with ``--resume``
+    (what a stopped job prints) is accepted."""
+    n = max(1, min(requested or default_shards(num_inputs), identities))
+    if planned is None:
+        return n
+    if requested is not None and n != planned:
+        raise UserError(f"{out} was started with --shards {planned}; resume it with that (or omit it)")
+    return int(planned)
 
 
 def shard_sources(source: Source, n: int) -> list[Source]:

@@ -70,8 +70,9 @@ def _committed(out: Path) -> int:
         return 0
 
 
-def _wait_for_folder(out: Path, timeout: float = _LOCK_WAIT_S) -> None:
-    """Wait until no process holds the writer's ``flock`` on ``out``.
+def _wait_for_folder(out: Path, timeout: float | None = None) -> bool:
+    """Wait until no process holds the writer's ``flock`` on ``out``; False when one still does after ``timeout``
+    seconds (default :data:`_LOCK_WAIT_S`).
 
     After an actor is killed its packer process notices within a second, aborts and releases the lock; a retry
     that started at once would be refused ("being written by another gpu-align process").
@@ -79,18 +80,18 @@ def _wait_for_folder(out: Path, timeout: float = _LOCK_WAIT_S) -> None:
     try:
         import fcntl
     except ImportError:
-        return
+        return True
     if not out.is_dir():
-        return
-    deadline = time.monotonic() + timeout
+        return True
+    deadline = time.monotonic() + (_LOCK_WAIT_S if timeout is None else timeout)
     while True:
         fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return  # free (closing the descriptor below releases it again)
+            return True  # free (closing the descriptor below releases it again)
         except BlockingIOError:
             if time.monotonic() > deadline:
-                return  # the writer itself then says who holds it
+                return False
         finally:
             os.close(fd)
         time.sleep(0.1)
@@ -208,8 +209,12 @@ class ShardWorker:
 
             torch.set_num_threads(spec.cpu_share)
             self.torch_threads = spec.cpu_share
-        _wait_for_folder(out)
         try:
+            if not _wait_for_folder(out):  # the writer would refuse as a user's error: a retry may find it free
+                raise RuntimeError(
+                    f"{out} is still locked {_LOCK_WAIT_S:g} s after this attempt began (the previous attempt's "
+                    "packer, or another gpu-align process, still writes it)"
+                )
             result = run(spec.opts, source=spec.source, progress=progress)
         except KeyboardInterrupt:
             return {"shard": spec.index, "stopped": True, "done": _committed(out)}
