@@ -45,8 +45,8 @@ def _cpu_seconds() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--identities", type=int, default=24)
-    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--identities", type=int, default=24, help="demo identities (default 24)")
+    ap.add_argument("--images", type=int, default=12, help="photos per identity (default 12)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three sources (default 3)")
     ap.add_argument("--write-results", action="store_true", help="update the Archive input section of RESULTS.md")
     a = ap.parse_args()
@@ -127,6 +127,8 @@ def main() -> None:
     print(text)
     if a.write_results:
         write_section("Archive input", text)
+    if not same:
+        raise SystemExit("the .tar.gz or --landmarks-csv runs wrote other train.rec/.idx bytes than the folder run")
 
 
 def archive_mb(nbytes: int) -> str:

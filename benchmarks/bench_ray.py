@@ -84,9 +84,9 @@ def one_run(photos: Path, out: Path, workers: int | None, shards: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--photos", type=int, default=200, help="demo photos to build, over 40 identities (default 200)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three modes; medians (default 3)")
+    ap.add_argument("--shards", type=int, default=4, help="--shards of the ray rows (default 4)")
     ap.add_argument("--write-results", action="store_true", help="update the 'Ray scale-out' section of RESULTS.md")
     args = ap.parse_args()
     from gpu_align.demo.data import build_demo_dataset
