@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class ShardSpec:
     hold: int | None = None  # test hook: see RayOptions.hold
     gpu: bool = False
     cpu_share: int | None = None  # this worker's share of its node's cores (the driver sets it when it hands out)
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def _cpu_seconds() -> float:
