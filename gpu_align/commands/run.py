@@ -36,8 +36,10 @@ examples:
   gpu-align run photos/ --out flat --layout flat --shuffle 1   # for DALI's fn.readers.mxnet
   gpu-align run photos/ --out try --limit 500 --save-crops try/crops   # a quick look at the crops
   gpu-align run vgg2-rec/train.lst --out again                 # rebuild from the landmarks, no detection
-  gpu-align run vggface2_train.tar.gz --out vgg2-rec \
-      --landmarks-csv meta/bb_landmark/loose_landmark_train.csv   # straight from the archive, no MTCNN
+  gpu-align run vggface2_train.tar.gz --out vgg2-rec --landmarks-csv loose_landmark_train.csv
+      straight from the archive, warped with the CSV's landmarks (no MTCNN)
+  gpu-align run vggface2/train --out vgg2-rec --ray            # every GPU of this machine (Ray; extra "ray")
+  gpu-align run vggface2/train --out /shared/vgg2-rec --ray auto   # a Ray cluster; DIR on storage every node sees
 
 train.lst lines are face2rec2's: 0<TAB>photo<TAB>label<TAB>x1 y1 x2 y2<TAB>x1..x5 y1..y5 (landmarks, all x first)."""
 
