@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 from packer.errors import UserError
 from packer.imageinfo import TOO_LARGE, TRUNCATED, UNREADABLE, ImageError
+from packer.lst import unlistable
+from packer.scan import BAD_PATH, identity_order
 
 __all__ = [
     "ARCHIVE_SEP",
@@ -193,20 +195,26 @@ def _gzip_open(path: str):
     return gzip.open(path, "rb")
 
 
-def _open_tar(path: str) -> tuple[tarfile.TarFile, bool]:
-    """``(tarfile in a forward-only mode, compressed)``; a file that is not a tar is a :class:`UserError`."""
+def _open_tar(path: str, stack: contextlib.ExitStack) -> tuple[tarfile.TarFile, bool]:
+    """``(tarfile in a forward-only mode, compressed)``, closed with ``stack`` (the gzip stream too: tarfile leaves
+    a file object it was given open); a file that is not a tar is a :class:`UserError`, with nothing left open."""
     kind = _compression(path)
+    fileobj = _gzip_open(path) if kind == "gzip" else None
+    # a plain tar seeks from header to header (data is never read); a compressed one is one forward stream
+    mode = "r:" if kind == "none" else "r|" if fileobj else f"r|{kind}"
     try:
-        if kind == "none":
-            return tarfile.open(path, mode="r:"), False  # seeks from header to header: data is never read
-        fileobj = _gzip_open(path) if kind == "gzip" else None
-        return tarfile.open(path, fileobj=fileobj, mode="r|" if fileobj else f"r|{kind}"), True
+        tf = stack.enter_context(tarfile.open(path, fileobj=fileobj, mode=mode))  # noqa: SIM115 - stack closes it
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        what = {"none": "", "gzip": "gzip-compressed file, but its content is "}.get(kind, f"{kind} file, but ")
+        if fileobj is not None:
+            fileobj.close()
+        what = {"none": "", "gzip": "a gzip-compressed file, but its content is "}.get(kind, f"a {kind} file, but ")
         raise UserError(
-            f"{path}: a {what}not a tar archive ({e}); expected a .tar, .tar.gz or .tgz of <identity>/<image> "
+            f"{path}: {what}not a tar archive ({e}); expected a .tar, .tar.gz or .tgz of <identity>/<image> "
             "members, a WebDataset shard, or a folder"
         ) from None
+    if fileobj is not None:
+        stack.callback(fileobj.close)
+    return tf, kind != "none"
 
 
 def _norm(name: str) -> str:
@@ -233,12 +241,12 @@ def index_archive(path: str | os.PathLike, *, keep: Callable[[str], bool] | None
     if not os.path.isfile(p):
         raise UserError(f"{p}: no such archive" if not os.path.exists(p) else f"{p} is not a regular file")
     file_size = os.path.getsize(p)
-    tf, compressed = _open_tar(p)
-    idx = ArchiveIndex(p, compressed)
-    where: dict[str, int] = {}  # name -> position in idx.files
-    ordinal = 0
-    last = None
-    with tf:
+    with contextlib.ExitStack() as stack:
+        tf, compressed = _open_tar(p, stack)
+        idx = ArchiveIndex(p, compressed)
+        where: dict[str, int] = {}  # name -> position in idx.files
+        ordinal = 0
+        last = None
         while True:
             try:
                 ti = tf.next()
@@ -336,8 +344,6 @@ def _common_root(names: list[str]) -> list[str]:
 def _finish(groups: dict[str, list[tuple[str, Member]]], min_images: int, res: ArchiveScan, shown) -> ArchiveScan:
     """Identities in label order (:func:`packer.scan.identity_order`), photos sorted by file name inside each,
     small identities left out: exactly the rules of :func:`packer.scan.scan_folder`."""
-    from packer.scan import identity_order
-
     for ident in identity_order(list(groups)):
         photos = sorted(groups[ident], key=lambda t: (t[0], t[1].name))
         if len(photos) < max(min_images, 1):
@@ -357,8 +363,6 @@ def scan_archive(
     ``root``: the folder inside the archive that holds the identity folders (``x.tar.gz::train``); default: the
     members' common folder (``train`` for VGGFace2's ``train/n000002/0001_01.jpg``).
     """
-    from packer.scan import BAD_PATH
-
     want = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in exts)
     res = ArchiveScan()
     if idx.problem:
@@ -375,6 +379,8 @@ def scan_archive(
         base = _common_root([m.name for m in files])
     n = len(base)
     prefix = "/".join(base) + "/" if base else ""
+    if unlistable(prefix):
+        raise UserError(f"{member_path(idx.path, prefix)!r}: {BAD_PATH}, so none of its members can be listed")
 
     def shown(*parts: str) -> str:
         return member_path(idx.path, prefix + "/".join(parts))
@@ -384,7 +390,7 @@ def scan_archive(
     hidden: set[str] = set()
     for d in dirs:  # identity folders without any file still count as (empty) identities, as on disk
         parts = d.split("/")[n:]
-        if len(parts) == 1 and parts[0] and not parts[0].startswith(".") and not any(c in parts[0] for c in "\t\n\r"):
+        if len(parts) == 1 and parts[0] and not parts[0].startswith(".") and not unlistable(parts[0]):
             groups.setdefault(parts[0], [])
     for m in files:
         parts = m.name.split("/")[n:]
@@ -397,7 +403,7 @@ def scan_archive(
                 hidden.add(ident)
                 res.skipped.append((shown(ident), "hidden"))
             continue
-        if any(c in ident for c in "\t\n\r"):
+        if unlistable(ident):
             if ident not in hidden:
                 hidden.add(ident)
                 res.skipped.append((shown(ident), BAD_PATH))
@@ -411,7 +417,7 @@ def scan_archive(
             continue
         if fname.startswith("."):
             res.skipped.append((m.path, "hidden"))
-        elif any(c in fname for c in "\t\n\r"):
+        elif unlistable(fname):
             res.skipped.append((m.path, BAD_PATH))
         elif os.path.splitext(fname)[1].lower() not in want:
             ext = os.path.splitext(fname)[1] or "no extension"
@@ -433,12 +439,19 @@ def wds_meta_member(name: str) -> bool:
     return wds_split(name)[1].lower() in ("cls", "json")
 
 
+def _identity_name(text: str) -> str | None:
+    """``text`` stripped, if it can name an identity: an identity is a folder name (``--save-crops`` writes
+    ``<identity>/<crop>``), so no ``/``, tab or newline, and not ``.`` or ``..``."""
+    text = text.strip()
+    return text if text not in ("", ".", "..") and "/" not in text and not unlistable(text) else None
+
+
 def _wds_identity(sample: dict[str, Member], key: str, meta: dict[str, bytes]) -> str | None:
     for ext, m in sample.items():
         if ext.lower() == "cls" and m.name in meta:
-            text = meta[m.name].decode("utf-8", "replace").strip()
-            if text and not any(c in text for c in "\t\n\r/"):
-                return text
+            ident = _identity_name(meta[m.name].decode("utf-8", "replace"))
+            if ident is not None:
+                return ident
     for ext, m in sample.items():
         if ext.lower() == "json" and m.name in meta:
             try:
@@ -448,8 +461,8 @@ def _wds_identity(sample: dict[str, Member], key: str, meta: dict[str, bytes]) -
             if isinstance(doc, dict):
                 for k in _WDS_JSON_KEYS:
                     v = doc.get(k)
-                    if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip():
-                        return str(v).strip()
+                    if isinstance(v, (str, int)) and not isinstance(v, bool) and _identity_name(str(v)) is not None:
+                        return _identity_name(str(v))
     folder = key.rpartition("/")[0]
     return folder.rpartition("/")[2] or None
 
@@ -478,6 +491,9 @@ def scan_webdataset(indexes: Sequence[ArchiveIndex], *, min_images: int = 1) -> 
                     exts = ", ".join(sorted(sample))
                     res.skipped.append((first.path, f"not an image (sample {key!r} has {exts}; looking for jpg, "
                                                     "jpeg, png)"))
+                continue
+            if unlistable(images[0].path):
+                res.skipped.append((images[0].path, BAD_PATH))
                 continue
             ident = _wds_identity(sample, key, idx.meta)
             if ident is None:
@@ -537,10 +553,14 @@ def scan_archive_source(
     :func:`packer.scan.scan_folder`'s rules (the labels and order of the extracted folder)."""
     shards = shard_list(s)
     ref = split_member_path(s)
+    path, root = ref if ref is not None else (s, None)
+    for p in shards or [path]:
+        if unlistable(os.path.abspath(p)):
+            raise UserError(f"{os.path.abspath(p)!r}: {BAD_PATH}, so none of its members can be listed; rename or "
+                            "move the archive")
     if shards is not None:
         indexes = [index_archive(p, keep=wds_meta_member) for p in shards]
         return "webdataset", os.path.abspath(s), scan_webdataset(indexes, min_images=min_images)
-    path, root = ref if ref is not None else (s, None)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such archive")
     idx = index_archive(path, keep=wds_meta_member)
@@ -592,7 +612,8 @@ class _Cursor:
 
     def __init__(self, path: str, wanted: dict[int, Member], max_bytes: int):
         self.path = path
-        self.tf, _ = _open_tar(path)
+        self._stack = contextlib.ExitStack()
+        self.tf, _ = _open_tar(path, self._stack)
         self.wanted = wanted
         self.max_bytes = max_bytes
         self.held: dict[int, bytes | ImageError] = {}
@@ -637,7 +658,7 @@ class _Cursor:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.tf.close()
+            self._stack.close()
 
 
 class ArchiveReader:
@@ -707,25 +728,34 @@ class ArchiveReader:
 def prefetched(items: Iterable, depth: int) -> Iterator:
     """``items`` produced by a background thread, at most ``depth`` ahead: decompressing the next members overlaps
     with the caller's work. An exception in the producer is re-raised in the consumer; closing the consumer stops
-    the producer at its next item."""
+    the producer at its next item, and the producer then closes ``items`` (a generator's ``finally`` runs there,
+    e.g. :meth:`ArchiveReader.ordered` closing its archives)."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     end = object()
 
+    def put(x: tuple[bool, object]) -> bool:
+        """Hand ``x`` over unless the consumer has gone (then never block on a full queue)."""
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for x in items:
-                while not stop.is_set():
-                    try:
-                        q.put((True, x), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((True, x)):
                     return
-            q.put((True, end))
+            put((True, end))
         except BaseException as e:  # handed to the consumer
-            q.put((False, e))
+            put((False, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     t = threading.Thread(target=produce, name="archive-read", daemon=True)
     t.start()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from packer.errors import UserError
 
-__all__ = ["LstEntry", "format_lst_line", "landmark_problem", "landmarks_outside", "read_lst"]
+__all__ = ["LstEntry", "format_lst_line", "landmark_problem", "landmarks_outside", "read_lst", "unlistable"]
 
 FLOAT32_MAX = 3.4028234663852886e38  # larger magnitudes become inf in float32 (where the fit and the warp run)
 MIN_IOD = 1.0  # px: eyes closer than this are "on one point"
@@ -117,13 +117,18 @@ def landmarks_outside(landmarks: tuple[float, ...] | list[float], width: int, he
     return None
 
 
+def unlistable(path: str) -> bool:
+    """Whether a tab-separated ``.lst`` line cannot hold ``path`` (it has a tab, a newline or a carriage return)."""
+    return any(c in path for c in "\t\n\r")
+
+
 def format_lst_line(e: LstEntry) -> str:
     """The tab-separated ``.lst`` line of ``e``, without the newline.
 
     Raises ValueError for what a line cannot hold (a tab or newline in the path, landmarks without a box, a box or
     landmarks that are not finite in float32: a ``train.lst`` never holds ``inf``/``nan``).
     """
-    if any(c in e.path for c in "\t\n\r") or not e.path:
+    if unlistable(e.path) or not e.path:
         raise ValueError(f"path {e.path!r} cannot be written to a .lst line (empty, or holds a tab or newline)")
     fields = [str(int(e.aligned)), e.path, str(int(e.label))]
     if e.bbox is not None:

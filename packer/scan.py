@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from packer.errors import UserError
-from packer.lst import LstEntry
+from packer.lst import LstEntry, unlistable
 
 __all__ = ["BAD_PATH", "DEFAULT_EXTS", "ScanResult", "identity_order", "scan_folder"]
 
@@ -57,10 +57,6 @@ _UNREADABLE = {  # errno of a failed stat -> why the entry cannot be used
     errno.ENAMETOOLONG: "name or link target too long",
     errno.EACCES: "permission denied",
 }
-
-
-def _bad_name(name: str) -> bool:
-    return any(c in name for c in "\t\n\r")
 
 
 def _scandir_sorted(path: str) -> list[os.DirEntry]:
@@ -111,7 +107,7 @@ def scan_folder(
         raise UserError(f"{root_s} is not a folder (expected root/<identity>/<image>)")
     want = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in exts)
     base = os.path.abspath(root_s)
-    if absolute and _bad_name(base):
+    if absolute and unlistable(base):
         raise UserError(f"{base!r}: {BAD_PATH}, so none of its files can be listed; rename or move the folder")
 
     def show(*parts: str) -> str:
@@ -133,7 +129,7 @@ def scan_folder(
             res.skipped.append((show(name), why))
         elif kind != "dir":
             res.skipped.append((show(name), "not inside an identity folder"))
-        elif _bad_name(name):
+        elif unlistable(name):
             res.skipped.append((show(name), BAD_PATH))
         else:
             idents[name] = ident
@@ -151,7 +147,7 @@ def scan_folder(
             if cname.startswith("."):
                 res.skipped.append((rel, "hidden"))
                 continue
-            if _bad_name(cname):
+            if unlistable(cname):
                 res.skipped.append((rel, BAD_PATH))
                 continue
             kind, why = _kind(child)

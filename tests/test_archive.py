@@ -8,6 +8,7 @@ apart from the path column (``archive::member`` instead of the file's path).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -24,8 +25,16 @@ from gpu_align.demo.data import build_demo_dataset
 from gpu_align.demo.vggface2 import write_vggface2_archive
 from gpu_align.pipeline import RunOptions, run
 from gpu_align.scan import decode_items, scan_source
-from packer.archive import expand_braces, index_archive, split_member_path
+from packer.archive import (
+    ArchiveReader,
+    expand_braces,
+    index_archive,
+    prefetched,
+    scan_archive_source,
+    split_member_path,
+)
 from packer.errors import UserError
+from packer.scan import BAD_PATH
 from tests.cli_helpers import start
 from tests.pack_gate import Gate
 
@@ -293,3 +302,86 @@ def test_sigkilled_archive_run_resumes_to_the_same_bytes(ref, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-2000:]
     _same_as_folder(out, ref_out, str(archive))
+
+
+# ------------------------------------------------------------------------------------------ review fixes (packer)
+
+
+def _fds_to(path: Path) -> int:
+    """How many descriptors of this process are open on ``path`` (Linux /proc)."""
+    n = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            n += os.readlink(fd) == str(path)
+    return n
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_gzip_archives_are_closed_when_refused_and_after_reading(tmp_path):
+    """tarfile never closes a file object it is given: the gzip stream of a refused ``.tar.gz`` stayed open for as
+    long as the error was kept, and a stream read by :meth:`ArchiveReader.ordered` until garbage collection."""
+    bad = tmp_path / "photos.tar.gz"
+    bad.write_bytes(gzip.compress(b"text inside gzip\n" * 100))
+    errors = []
+    for _ in range(3):
+        with pytest.raises(UserError) as e:
+            index_archive(bad)
+        errors.append(e.value)
+    assert "a not a" not in str(errors[0]) and _fds_to(bad) == 0
+    good = _write_tar(tmp_path / "good.tar.gz", [(f"n{i}/{i}.jpg", b"x" * 100) for i in range(4)], gz=True)
+    idx = index_archive(good)
+    with ArchiveReader(1 << 20) as reader:
+        stream = reader.ordered(idx.files)
+        assert next(stream) == b"x" * 100
+        assert _fds_to(good) == 1
+        stream.close()
+        assert _fds_to(good) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_prefetched_closes_its_source_when_the_consumer_stops(tmp_path):
+    """Closing the consumer early (an error, Ctrl-C) stops the producer thread and closes the archive it read."""
+    archive = _write_tar(tmp_path / "a.tar.gz", [(f"n{i}/{i}.jpg", b"y" * 5000) for i in range(50)], gz=True)
+    idx = index_archive(archive)
+    with ArchiveReader(1 << 20) as reader:
+        source = reader.ordered(idx.files)  # still referenced here: garbage collection would not close it
+        got = prefetched(source, depth=2)
+        assert next(got) == b"y" * 5000
+        got.close()
+        assert _fds_to(archive) == 0
+
+
+def test_a_tab_or_newline_in_archive_paths_is_refused_or_skipped(tmp_path, capsys):
+    """A ``.lst`` line cannot hold a tab or newline: ``gpu-align lst`` of such an archive crashed with a ValueError
+    traceback. Now the archive's own path (or the folder all members lie in) is a UserError, and a WebDataset
+    sample inside such a folder is skipped with the folder scan's reason, the others kept."""
+    members = [(f"tr\tain/n{i}/{j}.jpg", b"z") for i in range(2) for j in range(2)]
+    folder = tmp_path / "a\tb"
+    folder.mkdir()
+    for archive, these in ((folder / "a.tar", members[:1]), (tmp_path / "b.tar", members)):
+        _write_tar(archive, these, gz=False)
+        with pytest.raises(UserError, match="tab/newline"):
+            scan_archive_source(str(archive))
+    wds = _write_tar(
+        tmp_path / "wds.tar",
+        [("ok/n1/1.jpg", b"z"), ("ok/n1/1.cls", b"n1"), ("b\nad/n2/2.jpg", b"z"), ("b\nad/n2/2.cls", b"n2")],
+        gz=False,
+    )
+    kind, _, scan = scan_archive_source(str(wds))
+    assert kind == "webdataset" and [m.name for _, m in scan.entries] == ["ok/n1/1.jpg"]
+    assert dict(scan.skipped)[f"{wds}::b\nad/n2/2.jpg"] == BAD_PATH
+    assert cli.run(["lst", str(tmp_path / "b.tar"), "-o", str(tmp_path / "b.lst")]) == 2  # not a traceback
+    assert "tab/newline" in capsys.readouterr().err
+
+
+def test_webdataset_identities_are_folder_names(tmp_path):
+    """A ``.cls`` or ``.json`` identity becomes the ``--save-crops`` folder ``<identity>/``: ``..``, ``../x`` or a
+    name with a ``/`` would write outside it. Such a class is not used; the key's folder names the identity."""
+    members = [
+        ("k/a/1.jpg", b"z"), ("k/a/1.json", json.dumps({"identity": "../../escape"}).encode()),
+        ("k/b/2.jpg", b"z"), ("k/b/2.cls", b".."),
+        ("k/c/3.jpg", b"z"), ("k/c/3.json", json.dumps({"identity": " 7 "}).encode()),
+    ]
+    wds = _write_tar(tmp_path / "wds.tar", members, gz=False)
+    _, _, scan = scan_archive_source(str(wds))
+    assert sorted(scan.identities) == ["7", "a", "b"]

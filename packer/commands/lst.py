@@ -8,11 +8,11 @@ import re
 import sys
 from collections import Counter
 
-from packer.archive import names_archives, scan_archive_source, split_member_path
+from packer.archive import member_path, names_archives, scan_archive_source, split_member_path
 from packer.cli import add_command
 from packer.errors import UserError
 from packer.fsutil import atomic_write
-from packer.lst import LST_ENCODING, LST_ERRORS, LstEntry, format_lst_line
+from packer.lst import LST_ENCODING, LST_ERRORS, LstEntry, format_lst_line, unlistable
 from packer.scan import BAD_PATH, DEFAULT_EXTS, scan_folder
 
 EPILOG = """\
@@ -74,7 +74,7 @@ def _run_archive(args: argparse.Namespace) -> int:
         path = m.path
         if args.relative:
             archive, member = split_member_path(path)
-            path = f"{os.path.relpath(archive, base)}::{member}"
+            path = member_path(os.path.relpath(archive, base), member)
         entries.append(LstEntry(args.aligned, path, label[ident]))
     _write(args, "".join(format_lst_line(e) + "\n" for e in entries))
     skipped = [*scan.problems, *scan.skipped]
@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--min-images must be at least 1, got {args.min_images}")
     # A ROOT whose absolute path holds a tab/newline is refused by the scan; with --relative only the part of it that
     # the lines would hold counts (none when the .lst sits inside ROOT), so scan relative to ROOT then.
-    absolute = not (args.relative and any(c in os.path.abspath(args.root) for c in "\t\n\r"))
+    absolute = not (args.relative and unlistable(os.path.abspath(args.root)))
     if names_archives(args.root):
         return _run_archive(args)
     res = scan_folder(args.root, exts=args.exts, min_images=args.min_images, aligned=args.aligned, absolute=absolute)
@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     entries = res.entries
     if args.relative:
         prefix = os.path.relpath(os.path.abspath(args.root), base)
-        if any(c in prefix for c in "\t\n\r"):
+        if unlistable(prefix):
             raise UserError(f"{prefix!r} (ROOT relative to the .lst's folder): {BAD_PATH}; rename or move the folder")
         if absolute:
             entries = [e.with_path(os.path.relpath(e.path, base)) for e in entries]
