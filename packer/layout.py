@@ -207,7 +207,8 @@ class DatasetWriter:
         self._lock = FolderLock(self.out_dir)
         try:
             self._open(resume=resume, overwrite=overwrite)
-        except BaseException:
+        except BaseException:  # e.g. a resume refused part-way: the partials it had reopened are closed too
+            self._journal.close()
             self._lock.release()
             raise
         self.done = self._resumed_from = self._inputs
@@ -450,7 +451,11 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._closed:
             return
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # a failed finish (disk full): keep what is committed, release the folder
+            self.abort()
+            raise

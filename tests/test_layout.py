@@ -5,8 +5,11 @@ Everything is read back from disk with packer.recordio (the mxnet-compatible rea
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -325,3 +328,48 @@ def test_dali_mxnet_reader_reads_the_flat_layout(tmp_path, crops):
             assert imgs.at(i).shape == (112, 112, 3)
             seen.append((bytes(np.asarray(raw.at(i))), np.asarray(labels.at(i)).tolist()))
     assert seen == [(crops[i], [float(i // 4)]) for i in SHUFFLED_12[11]]  # file order, one float label each
+
+
+def _open_fds_under(d) -> list[str]:
+    """Paths under ``d`` that this process holds open (Linux /proc)."""
+    fds = Path("/proc/self/fd")
+    out = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(str(d)):
+                out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_refused_resume_leaves_no_partial_file_open(tmp_path, crops):
+    """A resume refused part-way (a partial file missing) closed the partials it had reopened only at garbage
+    collection: while the error was kept (a traceback, a retry loop), the files stayed open."""
+    d = tmp_path / "o"
+    w = DatasetWriter(d, commit_interval=0)
+    for it in _items(crops)[:5]:
+        w.add(it)
+    w.abort()
+    (d / "train.lst.partial").unlink()
+    with pytest.raises(UserError, match=r"train\.lst\.partial is missing") as e:
+        DatasetWriter(d, resume=True)
+    assert e.value is not None and _open_fds_under(d) == []
+
+
+def test_a_failed_finish_in_a_with_block_keeps_the_pack_resumable(tmp_path, crops):
+    """``with DatasetWriter(...)`` whose close() fails at the end (here ``property.partial`` cannot be replaced)
+    aborts: the folder is released, so the same process can resume it to the uninterrupted pack's bytes."""
+    items = _items(crops)
+    _write(tmp_path / "ref", items)
+    d = tmp_path / "o"
+    blocker = d / "property.partial"
+    with pytest.raises(OSError), DatasetWriter(d) as w:  # the failure is the with block's exit
+        for it in items:
+            w.add(it)
+        blocker.mkdir()
+        (blocker / "x").write_text("a folder where the writer puts a file")
+    (blocker / "x").unlink()
+    blocker.rmdir()
+    s = _write(d, items, resume=True)  # before the fix: "being written by another gpu-align process"
+    assert s.num_images == 6 and _files(d) == _files(tmp_path / "ref")
