@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -207,6 +208,21 @@ def test_malformed_lst_is_fatal_before_writing(tmp_path, capsys, text, match):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("gpu-align: error: ")
     assert re.search(match, err)
+    assert not (tmp_path / "rec").exists()
+
+
+def test_pack_refuses_aligned_crops_named_in_an_archive_before_writing(faces, tmp_path, capsys):
+    """``gpu-align lst crops.tar`` (aligned=1 by default) then ``pack``: pack reads crops from files only, and used to
+    write an empty dataset with every line skipped as a "missing file". Now it says so before writing anything."""
+    archive = tmp_path / "crops.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(faces / "faces" / "id00", arcname="id00")
+        tf.add(faces / "faces" / "id01", arcname="id01")
+    assert run(["lst", str(archive), "-o", str(tmp_path / "crops.lst"), "-q"]) == 0
+    capsys.readouterr()
+    assert run(["pack", str(tmp_path / "crops.lst"), "--out", str(tmp_path / "rec")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names an archive member as an aligned crop (aligned=1: " in err
     assert not (tmp_path / "rec").exists()
 
 

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import simplejpeg
 
+from packer.archive import split_member_path
 from packer.cli import add_command
 from packer.errors import UserError
 from packer.fsutil import atomic_write
@@ -229,6 +230,12 @@ def _run(args: argparse.Namespace) -> int:
             n_unaligned += 1
             if len(unaligned) < 3:
                 unaligned.append(e.path)
+        elif split_member_path(e.path) is not None:  # else every such line would be skipped as a missing file
+            raise UserError(
+                f"{lst_path}: entry {total} names an archive member as an aligned crop (aligned=1: {e.path}); pack "
+                "stores aligned crops from files only: extract the archive, or list photos with --aligned 0 for "
+                "`gpu-align pack`/`gpu-align run`, which read archive members"
+            )
     if not total:
         raise UserError(f"{lst_path}: no entries")
     # `gpu-align` hands over its aligner as args.aligner (it needs torch, which the packer does not import);
