@@ -79,6 +79,11 @@ __all__ = [
 
 MAGIC = 0xCED7230A  # dmlc-core RecordIOWriter::kMagic; the one definition in packer
 MAGIC_BYTES = struct.pack("<I", MAGIC)  # b"\x0a\x23\xd7\xce": how every part starts on disk
+_LEN_BITS = 29  # lrec = cflag << 29 | length
+_LEN_MASK = (1 << _LEN_BITS) - 1
+MAX_RECORD_LENGTH = _LEN_MASK  # dmlc-core: CHECK(size < (1 << 29)); lrec keeps the length in 29 bits
+_PART_HEAD = struct.Struct("<II")
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # indexed by (-size) % 4
 
 
 def at_magic(f: BinaryIO) -> bool:
@@ -88,14 +93,15 @@ def at_magic(f: BinaryIO) -> bool:
 
 def require_recordio(f: BinaryIO, path: object, size: int) -> None:
     """Raise a :class:`~packer.errors.UserError` unless the file ``f`` (``size`` bytes, at offset 0) is empty or
-    starts with the magic: the first check every reader of a ``.rec`` makes, worded once."""
+    starts with the magic: the first check every reader of a ``.rec`` makes, worded once. ``f`` is left past the
+    magic."""
     if size and not at_magic(f):
-        raise UserError(f"{path} is not a RecordIO file (it does not start with the RecordIO magic)")
-_LEN_BITS = 29  # lrec = cflag << 29 | length
-_LEN_MASK = (1 << _LEN_BITS) - 1
-MAX_RECORD_LENGTH = _LEN_MASK  # dmlc-core: CHECK(size < (1 << 29)); lrec keeps the length in 29 bits
-_PART_HEAD = struct.Struct("<II")
-_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # indexed by (-size) % 4
+        f.seek(0)
+        head = f.read(8)
+        raise UserError(
+            f"{path} is not a RecordIO file (starts with {head.hex(' ')}, expected the magic {MAGIC_BYTES.hex(' ')})"
+        )
+
 
 IRHeader = namedtuple("HEADER", ["flag", "label", "id", "id2"])
 """Record header ``(flag, label, id, id2)``: ``flag`` 0 = scalar ``label``; n > 0 = n float32 labels before the body."""

@@ -36,7 +36,7 @@ from packer.reader import (
     read_property,
     resolve_dataset,
 )
-from packer.recordio import MAGIC_BYTES, RecordIOError, at_magic, require_recordio, unpack
+from packer.recordio import RecordIOError, require_recordio, unpack
 from packer.recscan import Damage, scan_rec
 
 __all__ = [
@@ -258,13 +258,7 @@ def verify_dataset(
 
     with open(paths.rec, "rb") as f:
         size = rep.rec_bytes = os.fstat(f.fileno()).st_size
-        if size and not at_magic(f):
-            f.seek(0)
-            head = f.read(8)
-            raise UserError(
-                f"{paths.rec} is not a RecordIO file (starts with {head.hex(' ')}, expected the magic "
-                f"{MAGIC_BYTES.hex(' ')})"
-            )
+        require_recordio(f, paths.rec, size)
         bar = _progress(size, progress)
         try:
             for item in scan_rec(f, size, crc=with_crc):
@@ -372,13 +366,13 @@ def validate_index(path: str | os.PathLike, *, max_problems: int = 20) -> Verify
     idx_keys, idx_offsets, idx_lines = _parse_index(paths.idx, rep)
     name = paths.idx.name
     _check_index_entries(rep, name, idx_keys, idx_offsets, idx_lines)
-    uniq_off, first = np.unique(idx_offsets, return_index=True)  # each record once, under its first-listed key
+    uniq_off, first_line = np.unique(idx_offsets, return_index=True)  # each record once, under its first-listed key
     cols = {c: array("q") for c in ("off", "end", "key", "flag", "id", "body")}
     l0, l1 = array("d"), array("d")
     with open(paths.rec, "rb") as f:
         size = rep.rec_bytes = os.fstat(f.fileno()).st_size
         require_recordio(f, paths.rec, size)
-        for o, i in zip(uniq_off.tolist(), first.tolist(), strict=True):
+        for o, i in zip(uniq_off.tolist(), first_line.tolist(), strict=True):
             k = int(idx_keys[i])
             where = f"{name}:{int(idx_lines[i])}: key {k} points at byte {o}"
             if o < 0 or o >= size:
