@@ -237,12 +237,17 @@ def _face(box: np.ndarray, score: float) -> dict[str, Any]:
 
 
 class PendingBatch:
-    """One batch between :meth:`AlignStage.start` and its message: the aligner's result and its host copy."""
+    """One batch between :meth:`AlignStage.start` and its message: its host copy and what the message needs of the
+    batch (input indices, photo sizes, miss reasons, stage times). The decoded photos and the device results are
+    not kept, so their memory is free for the next batch while this one's copy lands."""
 
     def __init__(self, stage: AlignStage, batch: DecodedBatch, skip_below: int, counts: dict[str, int],
                  metas: dict[int, ItemMeta], res: AlignResult | None = None, copy: HostCopy | None = None):
-        self.stage, self.batch, self.skip_below, self.counts, self.metas = stage, batch, skip_below, counts, metas
-        self.res, self.copy = res, copy
+        self.stage, self.skip_below, self.counts, self.metas, self.copy = stage, skip_below, counts, metas, copy
+        self.indices = batch.indices
+        self.hw = [tuple(im.shape[:2]) for im in batch.images]  # (H, W) per row: shapes only, no device read
+        self.miss_reason = res.miss_reason if res is not None else []
+        self.seconds = res.seconds if res is not None else {}
 
     def finish(self) -> tuple[CropBatch, dict[str, int]]:
         """Wait for the host copy and make the packer's message (metas in input order, the crops they name)."""
@@ -256,7 +261,7 @@ class PendingBatch:
         return CropBatch([m for _, m in sorted(self.metas.items())], np.ascontiguousarray(crops)), self.counts
 
     def _add_times(self, transfer: float) -> None:
-        times, seconds = self.stage.times, self.res.seconds  # the events have completed: reading them is free
+        times, seconds = self.stage.times, self.seconds  # the events have completed: reading them is free
         times.detect += seconds.get("detect", 0.0)
         times.refine += seconds.get("refine", 0.0)
         times.warp += seconds.get("warp", 0.0)
@@ -281,7 +286,7 @@ class PendingBatch:
         rows = [k for k in range(len(table)) if table[k, _CENTER] > 0]
         if not rows:
             return {}
-        hw = [self.batch.images[k].shape[:2] for k in rows]
+        hw = [self.hw[k] for k in rows]
         size = self.stage.aligner.image_size
         lms = _round_landmarks(center_crop_landmarks([h for h, _ in hw], [w for _, w in hw], size))
         return dict(zip(rows, lms.numpy(), strict=True))
@@ -289,11 +294,11 @@ class PendingBatch:
     def _aligned(self, all_crops: np.ndarray, table: np.ndarray) -> np.ndarray:
         """Add the metas of the aligned photos not yet written; returns their crops, ``(F, S, S, 3)`` uint8, in
         the order of the metas' ``row``."""
-        stage, batch, items = self.stage, self.batch, self.stage.items
+        stage, items = self.stage, self.stage.items
         ok = table[:, _OK] > 0
-        sent = Rows.where(bool(o) and i >= self.skip_below for o, i in zip(ok, batch.indices, strict=True))
+        sent = Rows.where(bool(o) and i >= self.skip_below for o, i in zip(ok, self.indices, strict=True))
         center_lms = self._center_landmarks(table)
-        for k, i in enumerate(batch.indices):
+        for k, i in enumerate(self.indices):
             if i < self.skip_below:
                 continue
             it, row = items[i], table[k]
@@ -302,7 +307,7 @@ class PendingBatch:
                 box = row[_BOX]
                 lms = row[_LMS].reshape(5, 2)
                 if center:  # a centre-crop fallback: the whole photo, the landmarks that make it again
-                    h, w = batch.images[k].shape[:2]
+                    h, w = self.hw[k]
                     box, lms = (0, 0, w, h), center_lms[k]
                 lst = _lst_entry(it.path, box, lms)
                 name = stage.crop_names[i] if stage.crop_names else ""
@@ -310,6 +315,6 @@ class PendingBatch:
                 self.metas[i] = ItemMeta(i, it.group, it.path, sent.position(k), lst, None, name, note)
                 self.counts["center" if center else "found"] += 1
             else:
-                self.metas[i] = ItemMeta(i, it.group, it.path, skip_reason=self.res.miss_reason[k] or "no face")
+                self.metas[i] = ItemMeta(i, it.group, it.path, skip_reason=self.miss_reason[k] or "no face")
                 self.counts["missed"] += 1
         return all_crops[list(sent.ids)] if len(sent) != len(all_crops) else all_crops
