@@ -411,7 +411,7 @@ def write_report_html(out_dir: str | os.PathLike, **kwargs: Any) -> Path:
     out = Path(out_dir)
     page = render_report_html(out, **kwargs)
     path = out / REPORT_HTML_NAME
-    atomic_write(path, page.encode("utf-8"), sync=False)
+    atomic_write(path, page.encode("utf-8", "backslashreplace"), sync=False)  # non-UTF-8 file names, as report.json
     return path
 
 

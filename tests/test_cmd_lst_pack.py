@@ -226,6 +226,21 @@ def test_pack_refuses_aligned_crops_named_in_an_archive_before_writing(faces, tm
     assert not (tmp_path / "rec").exists()
 
 
+def test_pack_of_a_non_utf8_file_name_writes_report_html(faces, tmp_path, capsys):
+    """A folder name that is not UTF-8 (``caf\\xe9``, surrogate-escaped in Python) reaches report.html: the page
+    was not written ("surrogates not allowed"); names are escaped in it now, as in report.json."""
+    root = tmp_path / "faces"
+    ident = root / os.fsdecode(b"caf\xe9")
+    ident.mkdir(parents=True)
+    for name in ("000.jpg", "001.jpg"):
+        (ident / name).write_bytes((faces / "faces" / "id00" / name).read_bytes())
+    (ident / "002.jpg").write_bytes(b"not a JPEG")  # skipped: the page lists its path
+    assert run(["lst", str(root), "-o", str(tmp_path / "x.lst"), "-q"]) == 0
+    assert run(["pack", str(tmp_path / "x.lst"), "--out", str(tmp_path / "rec"), "-q"]) == 0
+    assert "not written" not in capsys.readouterr().err
+    assert (tmp_path / "rec" / "report.html").is_file()
+
+
 def test_pack_refuses_non_empty_dir(faces, tmp_path, capsys):
     (tmp_path / "rec").mkdir()
     (tmp_path / "rec" / "x").write_text("x")
