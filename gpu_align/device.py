@@ -225,6 +225,15 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=device.type == "cuda")
 
 
+def host_to_device(data, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host data (a list, numpy array or CPU tensor; copied) as a tensor on ``device``, without waiting for the
+    device. ``torch.tensor(data, device="cuda")`` is a blocking copy, which waits for every kernel queued before it
+    (a hidden host sync); this stages the data and copies it asynchronously. A tensor already on ``device`` is
+    returned as it is (``dtype`` applied)."""
+    t = data.to(dtype=dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    return to_device(t, torch.device(device))
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for ``device``'s queued work (CUDA); nothing to wait for on CPU."""
     if device.type == "cuda":
@@ -336,6 +345,7 @@ __all__ = [
     "describe",
     "fp32_precisions",
     "full_fp32",
+    "host_to_device",
     "is_out_of_memory",
     "oom_message",
     "out_of_memory_stops",

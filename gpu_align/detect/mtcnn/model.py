@@ -43,7 +43,7 @@ from gpu_align.detect.mtcnn.resample import (
     resample_ragged_into,
 )
 from gpu_align.detect.nms import batched_nms
-from gpu_align.device import TUNINGS, cuda_paths
+from gpu_align.device import TUNINGS, cuda_paths, host_to_device
 from gpu_align.errors import DetectorError
 
 INSTALL_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
@@ -429,8 +429,8 @@ class MTCNN(nn.Module):
         """
         tensors = [self._as_tensor(im, i) for i, im in enumerate(images)]
         n_img = len(tensors)
-        boxes = torch.as_tensor(boxes).to(self.device, torch.float32).reshape(-1, 4)
-        image_index = torch.as_tensor(image_index).to(self.device, torch.int64).reshape(-1)
+        boxes = host_to_device(boxes, self.device, torch.float32).reshape(-1, 4)
+        image_index = host_to_device(image_index, self.device, torch.int64).reshape(-1)
         if boxes.shape[0] != image_index.shape[0]:
             raise ValueError(f"{boxes.shape[0]} boxes but {image_index.shape[0]} image indices")
         if boxes.shape[0] and not (int(image_index.min()) >= 0 and int(image_index.max()) < n_img):
