@@ -39,10 +39,10 @@ from packer.recordio import (
     MAGIC_BYTES,
     IRHeader,
     RecordIOError,
+    at_magic,
     decode_flag,
     decode_length,
     read_record_at,
-    require_recordio,
     unpack,
 )
 
@@ -63,6 +63,7 @@ __all__ = [
     "read_head_span",
     "read_index",
     "read_property",
+    "require_recordio",
     "resolve_dataset",
     "style_of_flags",
 ]
@@ -229,6 +230,19 @@ def read_property(path: str | os.PathLike) -> Property | None:
 
 _EXT = {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "gif": ".gif", "webp": ".webp"}
 _SHORT = {"JPEG": "jpeg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "WEBP": "webp"}  # imageinfo's names
+
+
+def require_recordio(f: BinaryIO, path: object, size: int) -> None:
+    """Raise a :class:`~packer.errors.UserError` unless the file ``f`` (``size`` bytes, at offset 0) is empty or
+    starts with the magic: the first check every reader of a ``.rec`` makes, worded once. ``f`` is left past the
+    magic."""
+    if size and not at_magic(f):
+        f.seek(0)
+        head = f.read(8)
+        raise UserError(
+            f"{path} is not a RecordIO file (starts with {head.hex(' ')}, expected the magic {MAGIC_BYTES.hex(' ')})"
+        )
+
 
 
 def image_format(body: bytes) -> str | None:

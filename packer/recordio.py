@@ -53,8 +53,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from packer.errors import UserError
-
 __all__ = [
     "MAGIC",
     "MAGIC_BYTES",
@@ -71,7 +69,6 @@ __all__ = [
     "pack",
     "pack_img",
     "read_record_at",
-    "require_recordio",
     "scan_records",
     "unpack",
     "unpack_img",
@@ -89,18 +86,6 @@ _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # indexed by (-size) % 4
 def at_magic(f: BinaryIO) -> bool:
     """Whether ``f``'s next four bytes are the RecordIO magic (``f`` moves past them): how every record part starts."""
     return f.read(4) == MAGIC_BYTES
-
-
-def require_recordio(f: BinaryIO, path: object, size: int) -> None:
-    """Raise a :class:`~packer.errors.UserError` unless the file ``f`` (``size`` bytes, at offset 0) is empty or
-    starts with the magic: the first check every reader of a ``.rec`` makes, worded once. ``f`` is left past the
-    magic."""
-    if size and not at_magic(f):
-        f.seek(0)
-        head = f.read(8)
-        raise UserError(
-            f"{path} is not a RecordIO file (starts with {head.hex(' ')}, expected the magic {MAGIC_BYTES.hex(' ')})"
-        )
 
 
 IRHeader = namedtuple("HEADER", ["flag", "label", "id", "id2"])

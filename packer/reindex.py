@@ -34,7 +34,15 @@ import numpy as np
 from packer import crcfile
 from packer.errors import UserError
 from packer.fsutil import atomic_write, fsync_dir, sync_file
-from packer.reader import DatasetPaths, image_shape, is_meta_record, read_index, read_property, resolve_dataset
+from packer.reader import (
+    DatasetPaths,
+    image_shape,
+    is_meta_record,
+    read_index,
+    read_property,
+    require_recordio,
+    resolve_dataset,
+)
 from packer.recordio import (
     MAGIC_BYTES,
     IRHeader,
@@ -42,7 +50,6 @@ from packer.recordio import (
     encode_record,
     pack,
     read_record_at,
-    require_recordio,
     unpack,
 )
 from packer.recscan import Damage, scan_rec

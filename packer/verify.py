@@ -34,9 +34,10 @@ from packer.reader import (
     iter_index,
     read_head_span,
     read_property,
+    require_recordio,
     resolve_dataset,
 )
-from packer.recordio import RecordIOError, require_recordio, unpack
+from packer.recordio import RecordIOError, unpack
 from packer.recscan import Damage, scan_rec
 
 __all__ = [
