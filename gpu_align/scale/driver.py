@@ -56,6 +56,7 @@ __all__ = ["INSTALL_HINT", "RayRunResult", "ShardFailed", "import_ray", "run_ray
 INSTALL_HINT = "--ray needs Ray, which is not installed; install it with: pip install \"gpu-align[ray]\""
 _COUNTS = ("found", "center", "missed", "failed")
 _POLL_S = 0.25  # how often the driver looks at finished shards and at the workers' progress
+_START_S = 600.0  # a worker not up after this long, with none alive: the cluster cannot give what is asked
 _STOP_WAIT_S = 60.0  # after Ctrl-C, how long running shards get to stop cleanly before their workers are killed
 
 
@@ -237,6 +238,7 @@ class _Scheduler:
         self.max_retries = retries
         self.workers: list[_Worker] = []
         self.inflight: dict[Any, _Attempt] = {}
+        self.starting: dict[Any, tuple[Any, float]] = {}  # a replacement worker's info() ref -> (actor, when asked)
         self.bar = bar
         self.on_status = on_status
         self.status: dict[int, dict[str, Any]] = {}
@@ -245,23 +247,45 @@ class _Scheduler:
 
     # -------------------------------------------------------------------------------------------- workers
 
-    def _start_workers(self, n: int) -> list[_Worker]:
-        actors = [self.cls.options(**self.actor_options).remote(*self.worker_args) for _ in range(n)]
-        infos = [a.info.remote() for a in actors]
-        new = []
-        for actor, ref in zip(actors, infos, strict=True):
-            try:
-                info = self.ray.get(ref, timeout=600)
-            except self.ray.exceptions.GetTimeoutError:
-                raise UserError(
-                    "a Ray worker did not start within 10 minutes: the cluster lacks the resources asked for "
-                    f"({self.actor_options}); see --workers/--ray"
-                ) from None
-            w = _Worker(f"w{self._n_created}", actor, info)
-            self._n_created += 1
-            self.workers.append(w)
-            new.append(w)
-        return new
+    def _start_workers(self, n: int) -> None:
+        """Start ``n`` workers and wait until each is up (the job's first workers)."""
+        for _ in range(n):
+            self._replace_worker()
+        deadline = time.monotonic() + _START_S
+        while self.starting and (left := deadline - time.monotonic()) > 0:
+            self._check_starting(wait_s=left)
+        self._check_starting()  # none up by now: refused; some: the job starts with them, the rest may follow
+
+    def _replace_worker(self) -> None:
+        """Ask for one more worker without waiting for it: the others go on with their shards meanwhile (on a
+        cluster that lost a node for good, the job finishes on the survivors)."""
+        actor = self.cls.options(**self.actor_options).remote(*self.worker_args)
+        self.starting[actor.info.remote()] = (actor, time.monotonic())
+
+    def _worker_up(self, ref) -> None:
+        actor, _ = self.starting.pop(ref)
+        try:
+            info = self.ray.get(ref)
+        except self.ray.exceptions.RayError:
+            return  # it died while starting; what needs a worker asks for another
+        self.workers.append(_Worker(f"w{self._n_created}", actor, info))
+        self._n_created += 1
+
+    def _check_starting(self, wait_s: float = 0.0) -> None:
+        """Take in the workers that are up; refuse to wait longer than :data:`_START_S` when no worker is alive
+        (the cluster lacks the resources asked for)."""
+        if not self.starting:
+            return
+        ready, _ = self.ray.wait(list(self.starting), num_returns=len(self.starting), timeout=wait_s)
+        for ref in ready:
+            self._worker_up(ref)
+        now = time.monotonic()
+        stuck = [ref for ref, (_, t0) in self.starting.items() if now - t0 > _START_S]
+        if stuck and not any(w.alive for w in self.workers):
+            raise UserError(
+                f"a Ray worker did not start within {_START_S / 60:.0f} minutes: the cluster lacks the resources "
+                f"asked for ({self.actor_options}); see --workers/--ray"
+            )
 
     def _for_worker(self, spec: ShardSpec, w: _Worker) -> ShardSpec:
         """``spec`` with ``w``'s share of its node's cores: the packer's JPEG threads (half of it, at most 8, as a
@@ -290,9 +314,13 @@ class _Scheduler:
                 spec = self.pending.popleft()
                 w.shards += 1
                 self.inflight[w.actor.run_shard.remote(self._for_worker(spec, w))] = _Attempt(spec, w, time.time())
-            ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=_POLL_S)
-            for ref in ready:
-                self._finished(ref)
+            if self.pending and not self.starting and not any(w.alive for w in self.workers):
+                self._replace_worker()  # every worker is gone (e.g. one died while starting): ask again
+            if self.inflight:
+                ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=_POLL_S)
+                for ref in ready:
+                    self._finished(ref)
+            self._check_starting(wait_s=0.0 if self.inflight else _POLL_S)
             if time.monotonic() - last_poll >= _POLL_S:
                 self._poll()
                 last_poll = time.monotonic()
@@ -308,7 +336,7 @@ class _Scheduler:
             w.alive = False
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self._retry(spec, w, f"worker {w.name} (pid {w.info.get('pid')}, {w.info.get('host')}) died: {why}")
-            self._start_workers(1)
+            self._replace_worker()
             return
         except self.ray.exceptions.RayError as e:
             self._retry(spec, w, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
@@ -406,6 +434,10 @@ class _Scheduler:
                 with contextlib.suppress(Exception):
                     self.ray.kill(w.actor, no_restart=True)
                 w.alive = False
+        for actor, _ in self.starting.values():  # replacements still starting
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
+        self.starting.clear()
 
     def worker_report(self) -> list[dict[str, Any]]:
         per: dict[str, dict[str, Any]] = {
